@@ -1,0 +1,60 @@
+"""`python -m droid`: read the configuration, log, serve until SIGTERM or SIGINT."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger("droid")
+
+
+async def serve(config) -> None:
+    from .app import make_app
+
+    droid = await make_app(config)
+    await droid.start()
+    if not config.mongodb_uri:
+        log.warning("MONGODB_URI is not set: using the embedded in-memory database; "
+                    "nothing persists across restarts")
+    if config.jwt_secret_generated and not config.jwt_public_key:
+        log.warning("JWT_SECRET is not set: using a random key for this process; tokens die "
+                    "with it (development only)")
+    if not config.llm_base_url:
+        log.info("LLM_BASE_URL is not set: tasks run on the built-in demo agent")
+    if config.redis_url:
+        log.info("REDIS_URL is set: events and connection counts are shared through Redis")
+    log.info("Droid listening on http://%s:%d (env %s, worker concurrency %d)", config.host,
+             droid.port, config.env, config.worker_concurrency)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await droid.stop()
+    log.info("stopped")
+
+
+def main() -> None:
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"droid: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"droid: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        print(f"droid: cannot start: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

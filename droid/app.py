@@ -1,0 +1,176 @@
+"""make_app(): the one place where Droid is wired together, and its start/stop lifecycle."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import socketio
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from . import __version__
+from .agents import AgentService
+from .auth import Passwords, Tokens
+from .config import Config
+from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence
+from .handlers.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler,
+                           RegisterHandler, TaskHandler, TasksHandler)
+from .handlers.base import NotFoundHandler
+from .handlers.events import EventsHandler, EventStreamHandler
+from .handlers.system import HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler
+from .llm import make_provider
+from .metrics import Metrics
+from .openapi import build_openapi
+from .store import Store, open_client
+from .tasks import TaskService
+from .util import OrjsonModule
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+STATIC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+MAX_PACKET = 64 * 1024
+
+
+def socketio_handler(sio: socketio.AsyncServer, compression: bool) -> type:
+    """python-engineio's Tornado handler, with per-message deflate made optional (off by default:
+    it costs memory and CPU per socket, and OWASP advises against it)."""
+    base = socketio.get_tornado_handler(sio)
+
+    class Handler(base):  # type: ignore[misc, valid-type]
+        def get_compression_options(self) -> dict | None:
+            return {} if compression else None
+
+    return Handler
+
+
+class Droid:
+    """One running Droid: HTTP server, Socket.IO server, worker, and the services between them."""
+
+    def __init__(self, config: Config, *, store: Store, sio: socketio.AsyncServer,
+                 application: tornado.web.Application, worker: Worker, gateway: EventsGateway,
+                 tasks: TaskService, presence: Any, redis: Any = None) -> None:
+        self.config = config
+        self.store = store
+        self.sio = sio
+        self.application = application
+        self.worker = worker
+        self.gateway = gateway
+        self.tasks = tasks
+        self.presence = presence
+        self.redis = redis
+        self.server: tornado.httpserver.HTTPServer | None = None
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Listen (on the given sockets, else on HOST:PORT) and start the background work."""
+        if sockets is None:
+            sockets = tornado.netutil.bind_sockets(self.config.port, self.config.host)
+        self.server = tornado.httpserver.HTTPServer(self.application, xheaders=True,
+                                                    max_body_size=2 * 1024 * 1024)
+        self.server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        await self.presence.start()
+        await self.worker.start()
+
+    async def stop(self) -> None:
+        """Stop in reverse order of start: listening, the worker, sockets, storage."""
+        if self.server is not None:
+            self.server.stop()
+        await self.worker.stop()
+        try:
+            await asyncio.wait_for(self.sio.shutdown(), 5)
+        except Exception:
+            log.warning("closing Socket.IO connections did not finish cleanly", exc_info=True)
+        await self.presence.stop()
+        if self.server is not None:
+            await self.server.close_all_connections()
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.store.close()
+
+
+async def make_app(config: Config, *, store: Store | None = None, provider: Any = None) -> Droid:
+    """Build a Droid from its configuration. Call inside the event loop that will run it.
+
+    `store` lets several instances share one database (tests); `provider` replaces the LLM
+    provider chosen from the configuration.
+    """
+    if store is None:
+        store = Store(open_client(config.mongodb_uri), config.mongodb_db,
+                      event_retention_s=config.event_retention_s)
+    await store.ensure_indexes()
+    metrics = Metrics()
+    redis = None
+    manager = None
+    if config.redis_url:
+        from .cluster import make_manager, make_redis
+        redis = make_redis(config.redis_url)
+        manager = make_manager(config)
+    sio = socketio.AsyncServer(
+        async_mode="tornado", client_manager=manager, namespaces="*",
+        cors_allowed_origins="*" if config.cors_any else list(config.cors_origins),
+        max_http_buffer_size=MAX_PACKET, json=OrjsonModule, ping_interval=25, ping_timeout=20,
+        logger=False, engineio_logger=False)
+    if redis is not None:
+        from .cluster import RedisPresence
+        presence: Any = RedisPresence(redis, config.instance_id)
+    else:
+        presence = LocalPresence()
+    tokens = Tokens(config)
+    events = EventsService(sio, store, metrics)
+    tasks = TaskService(store, events, max_retries=config.task_max_retries,
+                        retry_backoff_s=config.retry_backoff_s)
+    agents = AgentService(store, default_model=config.llm_model)
+    gateway = EventsGateway(sio, tokens, events, presence, metrics)
+    if provider is None:
+        provider = make_provider(base_url=config.llm_base_url, api_key=config.llm_api_key,
+                                 model=config.llm_model, timeout_s=config.llm_timeout_s,
+                                 demo_delay_s=config.demo_delay_s)
+    worker = Worker(tasks, agents, provider, concurrency=config.worker_concurrency,
+                    timeout_s=config.task_timeout_s, lease_s=config.lease_s,
+                    owner=config.instance_id, metrics=metrics)
+    settings: dict[str, Any] = dict(
+        config=config, store=store, tokens=tokens, passwords=Passwords(), task_service=tasks,
+        agent_service=agents, events_service=events, gateway=gateway, metrics=metrics,
+        version=__version__, openapi=build_openapi(__version__), static_path=STATIC_PATH,
+        default_handler_class=NotFoundHandler, websocket_max_message_size=MAX_PACKET,
+        redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
+    )
+    routes = [
+        (r"/auth/register", RegisterHandler),
+        (r"/auth/login", LoginHandler),
+        (r"/auth/me", MeHandler),
+        (r"/agents", AgentsHandler),
+        (r"/tasks", TasksHandler),
+        (r"/tasks/([^/]+)", TaskHandler),
+        (r"/tasks/([^/]+)/cancel", CancelHandler),
+        (r"/events", EventsHandler),
+        (r"/events/stream", EventStreamHandler),
+        (r"/metrics", MetricsHandler),
+        (r"/health", HealthHandler),
+        (r"/openapi.json", OpenApiHandler),
+        (r"/socket.io/", socketio_handler(sio, config.ws_compression)),
+        (r"/", IndexHandler),
+    ]
+    application = tornado.web.Application(routes, **settings)
+    return Droid(config, store=store, sio=sio, application=application, worker=worker,
+                 gateway=gateway, tasks=tasks, presence=presence, redis=redis)
+
+
+async def _redis_ok(redis: Any) -> bool:
+    try:
+        return bool(await asyncio.wait_for(redis.ping(), 2))
+    except Exception:
+        return False
+
+
+__all__ = ["Droid", "make_app", "NAMESPACE"]

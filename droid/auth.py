@@ -1,0 +1,139 @@
+"""Passwords and tokens. No HTTP here: callers turn AuthError into their own answer."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from .config import Config, ConfigError
+
+
+class AuthError(Exception):
+    """A token was refused. `message` is one of the contract's fixed texts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+MISSING = "Authentication required"
+EXPIRED = "Token expired"
+INVALID = "Invalid token"
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    user_id: str
+    expires_at: float
+    claims: dict[str, Any]
+
+
+class Passwords:
+    """argon2id hashing, run off the event loop (it is deliberately slow)."""
+
+    def __init__(self) -> None:
+        self._hasher = PasswordHasher()
+        # A fixed hash to verify against when the e-mail is unknown, so that timing does not
+        # tell which e-mails are registered.
+        self._dummy = self._hasher.hash("droid-dummy-password")
+
+    async def hash(self, password: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(None, self._hasher.hash, password)
+
+    async def verify(self, hashed: str | None, password: str) -> bool:
+        def check() -> bool:
+            try:
+                return self._hasher.verify(hashed or self._dummy, password) and hashed is not None
+            except (VerificationError, InvalidHashError):
+                return False
+        return await asyncio.get_running_loop().run_in_executor(None, check)
+
+
+class Tokens:
+    """Issues HS256 tokens and verifies them, plus RS256/ES256 ones from an external issuer."""
+
+    LEEWAY_S = 5
+
+    def __init__(self, config: Config) -> None:
+        self.secret = config.jwt_secret
+        self.expires_in = config.jwt_expires_in
+        self.issuer = config.jwt_issuer
+        self.audience = config.jwt_audience
+        self.public_key: Any = None
+        self.public_alg: str | None = None
+        if config.jwt_public_key:
+            try:
+                self.public_key = load_pem_public_key(config.jwt_public_key.encode())
+            except ValueError:
+                raise ConfigError("JWT_PUBLIC_KEY is not a valid PEM public key") from None
+            if isinstance(self.public_key, rsa.RSAPublicKey):
+                self.public_alg = "RS256"
+            elif isinstance(self.public_key, ec.EllipticCurvePublicKey):
+                self.public_alg = "ES256"
+            else:
+                raise ConfigError("JWT_PUBLIC_KEY must be an RSA or EC (P-256) public key")
+
+    def issue(self, user_id: str, **extra: Any) -> tuple[str, int]:
+        now = int(time.time())
+        claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + self.expires_in, **extra}
+        if self.issuer:
+            claims["iss"] = self.issuer
+        if self.audience:
+            claims["aud"] = self.audience
+        return jwt.encode(claims, self.secret, algorithm="HS256"), self.expires_in
+
+    def verify(self, token: str | None) -> Identity:
+        """The identity a token proves; raises AuthError with the contract's message."""
+        if not token or not isinstance(token, str):
+            raise AuthError(MISSING)
+        if len(token) > 8192:
+            raise AuthError(INVALID)
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise AuthError(INVALID) from None
+        # Each key is used with exactly one algorithm, chosen by us (RFC 8725 section 3.1): the
+        # header only selects between our two keys, never the algorithm a key is used with.
+        if alg == "HS256":
+            key, algorithms = self.secret, ["HS256"]
+        elif self.public_alg is not None and alg == self.public_alg:
+            key, algorithms = self.public_key, [self.public_alg]
+        else:
+            raise AuthError(INVALID)
+        require = ["exp", "sub"]
+        if self.issuer:
+            require.append("iss")
+        if self.audience:
+            require.append("aud")
+        try:
+            claims = jwt.decode(token, key, algorithms=algorithms, issuer=self.issuer,
+                                audience=self.audience, leeway=self.LEEWAY_S,
+                                options={"require": require, "verify_aud": bool(self.audience)})
+        except jwt.ExpiredSignatureError:
+            raise AuthError(EXPIRED) from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise AuthError(INVALID) from None
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > 256:
+            raise AuthError(INVALID)
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            raise AuthError(INVALID)
+        return Identity(user_id=sub, expires_at=float(exp), claims=claims)
+
+
+def bearer(value: str | None) -> str | None:
+    """The token of an `Authorization: Bearer …` value (a bare token is tolerated)."""
+    if not value or not isinstance(value, str):
+        return None
+    value = value.strip()
+    if value[:7].lower() == "bearer ":
+        value = value[7:].strip()
+    return value or None

@@ -1,0 +1,188 @@
+"""Configuration: the only reader of the process environment (and of `.env`)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+
+class ConfigError(Exception):
+    """A variable has a value Droid cannot run with; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 3000
+    env: str = "development"
+    mongodb_uri: str | None = None
+    mongodb_db: str = "droid"
+    jwt_secret: str = ""
+    jwt_secret_generated: bool = False
+    jwt_public_key: str | None = None
+    jwt_expires_in: int = 3600
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    cors_origins: tuple[str, ...] = ("*",)
+    redis_url: str | None = None
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None
+    llm_model: str | None = None
+    worker_concurrency: int = 4
+    task_max_retries: int = 2
+    task_timeout_s: float = 120.0
+    log_level: str = "INFO"
+    # Additions of this implementation (documented in the README).
+    lease_s: float = 30.0
+    retry_backoff_s: float = 1.0
+    demo_delay_s: float = 1.5
+    llm_timeout_s: float = 60.0
+    ws_compression: bool = False
+    event_retention_s: int = 48 * 3600
+    instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def cors_any(self) -> bool:
+        return "*" in self.cors_origins
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int | None = None,
+         hi: int | None = None) -> int:
+    raw = env.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= lo or value != value or value == float("inf"):
+        raise ConfigError(f"{name} must be a number >= {lo}, got {raw!r}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _opt(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    return raw or None
+
+
+def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> None:
+    if value is None:
+        return
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL") from None
+    if parts.scheme not in schemes or not parts.netloc:
+        raise ConfigError(f"{name} must start with {' or '.join(s + '://' for s in schemes)}")
+
+
+def _db_from_uri(uri: str | None) -> str | None:
+    if not uri:
+        return None
+    path = urlsplit(uri).path.lstrip("/")
+    return path.split("?")[0] or None
+
+
+def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> Config:
+    """Build the configuration from `.env` (if present) overlaid by the environment.
+
+    Raises ConfigError with one line that names the offending variable.
+    """
+    env: dict[str, str] = {}
+    if dotenv_path and os.path.isfile(dotenv_path):
+        env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    env.update(os.environ if environ is None else environ)
+
+    droid_env = (env.get("DROID_ENV", "").strip() or "development").lower()
+    if droid_env not in ("development", "production", "test"):
+        raise ConfigError(f"DROID_ENV must be development, production or test, got {droid_env!r}")
+
+    mongodb_uri = _opt(env, "MONGODB_URI")
+    _check_url("MONGODB_URI", mongodb_uri, ("mongodb", "mongodb+srv"))
+    redis_url = _opt(env, "REDIS_URL")
+    _check_url("REDIS_URL", redis_url, ("redis", "rediss", "unix"))
+    llm_base_url = _opt(env, "LLM_BASE_URL")
+    _check_url("LLM_BASE_URL", llm_base_url, ("http", "https"))
+
+    jwt_secret = _opt(env, "JWT_SECRET")
+    jwt_public_key = _opt(env, "JWT_PUBLIC_KEY")
+    if jwt_public_key and "\\n" in jwt_public_key and "\n" not in jwt_public_key:
+        jwt_public_key = jwt_public_key.replace("\\n", "\n")  # one-line config vars (Heroku)
+    if jwt_public_key and "BEGIN" not in jwt_public_key:
+        raise ConfigError("JWT_PUBLIC_KEY must be a PEM public key (-----BEGIN PUBLIC KEY-----)")
+    if jwt_secret is not None and len(jwt_secret.encode()) < 32:
+        raise ConfigError("JWT_SECRET must be at least 32 bytes (RFC 7518 section 3.2)")
+
+    if droid_env == "production":
+        missing = [n for n, v in (("MONGODB_URI", mongodb_uri),) if not v]
+        if not (jwt_secret or jwt_public_key):
+            missing.append("JWT_SECRET")
+        if missing:
+            raise ConfigError(f"DROID_ENV=production requires {' and '.join(missing)}")
+
+    cors = tuple(o.strip().rstrip("/") for o in env.get("CORS_ORIGIN", "*").split(",") if o.strip())
+    log_level = (env.get("LOG_LEVEL", "").strip() or "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
+
+    return Config(
+        host=env.get("HOST", "").strip() or "0.0.0.0",
+        port=_int(env, "PORT", 3000, 0, 65535),
+        env=droid_env,
+        mongodb_uri=mongodb_uri,
+        mongodb_db=_opt(env, "MONGODB_DB") or _db_from_uri(mongodb_uri) or "droid",
+        jwt_secret=jwt_secret or secrets.token_urlsafe(48),
+        jwt_secret_generated=jwt_secret is None,
+        jwt_public_key=jwt_public_key,
+        jwt_expires_in=_int(env, "JWT_EXPIRES_IN", 3600, 1, 10 * 365 * 86400),
+        jwt_issuer=_opt(env, "JWT_ISSUER"),
+        jwt_audience=_opt(env, "JWT_AUDIENCE"),
+        cors_origins=cors or ("*",),
+        redis_url=redis_url,
+        llm_base_url=llm_base_url.rstrip("/") if llm_base_url else None,
+        llm_api_key=_opt(env, "LLM_API_KEY"),
+        llm_model=_opt(env, "LLM_MODEL"),
+        worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4, 0, 1000),
+        task_max_retries=_int(env, "TASK_MAX_RETRIES", 2, 0, 100),
+        task_timeout_s=_float(env, "TASK_TIMEOUT_S", 120.0, 0.001),
+        log_level=log_level,
+        lease_s=_float(env, "DROID_LEASE_S", 30.0, 0.05),
+        retry_backoff_s=_float(env, "DROID_RETRY_BACKOFF_S", 1.0),
+        demo_delay_s=_float(env, "DROID_DEMO_DELAY_S", 1.5),
+        llm_timeout_s=_float(env, "LLM_TIMEOUT_S", 60.0, 0.001),
+        ws_compression=_bool(env, "DROID_WS_COMPRESSION", False),
+        event_retention_s=_int(env, "DROID_EVENT_RETENTION_S", 48 * 3600, 86400),
+    )

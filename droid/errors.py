@@ -1,0 +1,45 @@
+"""Domain errors; the HTTP layer renders each as {"statusCode", "error", "message"}."""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class ApiError(Exception):
+    status = 500
+
+    def __init__(self, message: str | list[str], status: int | None = None) -> None:
+        super().__init__(message if isinstance(message, str) else "; ".join(message))
+        self.message = message
+        if status is not None:
+            self.status = status
+
+    @property
+    def reason(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+    def body(self) -> dict:
+        return {"statusCode": self.status, "error": self.reason, "message": self.message}
+
+
+class Invalid(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class Conflict(ApiError):
+    status = 409
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
+class Unavailable(ApiError):
+    status = 503

@@ -1,0 +1,396 @@
+"""Real-time events: the publisher (EventsService) and the /events namespace (EventsGateway).
+
+EventsService is what the task service publishes through: it numbers each envelope with the
+user's `seq`, stores it for resume, and emits it to the owner's room as the specific event and as
+`task.event`. EventsGateway authenticates sockets, keeps them in their user's rooms, answers the
+client events, replays what a reconnecting client missed, and enforces the contract's limits.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+import socketio
+
+from .auth import AuthError, Tokens, bearer
+from .store import Store
+from .util import iso, now_iso, utcnow
+
+NAMESPACE = "/events"
+CONNECTED_MESSAGE = "Successfully connected to real-time events"
+MAX_SOCKETS_PER_USER = 20
+RATE_PER_SECOND = 20
+REPLAY_BATCH = 500
+
+service_log = logging.getLogger("droid.EventsService")
+gateway_log = logging.getLogger("droid.EventsGateway")
+
+
+def task_room(user_id: str) -> str:
+    return f"user:{user_id}"
+
+
+def presence_room(user_id: str) -> str:
+    return f"sockets:{user_id}"
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list] = {}
+
+    def __call__(self, key: str) -> "_Held":
+        return _Held(self, key)
+
+
+class _Held:
+    def __init__(self, owner: KeyedLocks, key: str) -> None:
+        self.owner, self.key = owner, key
+
+    async def __aenter__(self) -> None:
+        entry = self.owner._locks.setdefault(self.key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        await entry[0].acquire()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        entry = self.owner._locks[self.key]
+        entry[0].release()
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.owner._locks[self.key]
+
+
+class EventsService:
+    """Publishes task events: numbered, stored for resume, emitted to the owner's room."""
+
+    def __init__(self, sio: socketio.AsyncServer, store: Store, metrics: Any = None) -> None:
+        self.sio = sio
+        self.store = store
+        self.metrics = metrics
+        self.user_locks = KeyedLocks()
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+
+    def watch(self, user_id: str) -> asyncio.Event:
+        """An event set whenever this process stores an envelope of the user (SSE streams)."""
+        wakeup = asyncio.Event()
+        self._watchers.setdefault(user_id, set()).add(wakeup)
+        return wakeup
+
+    def unwatch(self, user_id: str, wakeup: asyncio.Event) -> None:
+        watchers = self._watchers.get(user_id)
+        if watchers is not None:
+            watchers.discard(wakeup)
+            if not watchers:
+                del self._watchers[user_id]
+
+    async def publish(self, user_id: str, event: str, data: dict, *, durable: bool = True) -> None:
+        room = task_room(user_id)
+        if not durable:
+            envelope = {"event": event, "data": data, "timestamp": now_iso(), "seq": None}
+            await self._emit(room, event, envelope)
+            return
+        # One lock per user in this process: seq order, store order and emit order agree, and a
+        # replay for this user (which takes the same lock) never interleaves with a publish.
+        async with self.user_locks(user_id):
+            now = utcnow()
+            seq = await self.store.next_seq(user_id)
+            envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": seq}
+            await self.store.insert_event({"userId": user_id, "seq": seq, "event": event,
+                                           "envelope": envelope, "createdAt": now})
+            await self._emit(room, event, envelope)
+        for wakeup in self._watchers.get(user_id, ()):
+            wakeup.set()
+
+    async def _emit(self, room: str, event: str, envelope: dict) -> None:
+        await self.sio.emit(event, envelope, room=room, namespace=NAMESPACE)
+        await self.sio.emit("task.event", envelope, room=room, namespace=NAMESPACE)
+        if self.metrics is not None:
+            self.metrics.events_emitted.labels(event=event).inc()
+        service_log.debug("emitted %s seq=%s to %s", event, envelope["seq"], room)
+
+    async def history(self, user_id: str, after: int, limit: int) -> tuple[list[dict], int | None]:
+        """Stored envelopes with seq > after (oldest first), and the oldest seq kept."""
+        docs = await self.store.events_after(user_id, after, limit)
+        return [d["envelope"] for d in docs], await self.store.oldest_seq(user_id)
+
+
+class RateLimiter:
+    """A token bucket per socket: RATE_PER_SECOND events a second, bursts of the same size."""
+
+    __slots__ = ("tokens", "stamp", "warned_at")
+
+    def __init__(self) -> None:
+        self.tokens = float(RATE_PER_SECOND)
+        self.stamp = time.monotonic()
+        self.warned_at = 0.0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(RATE_PER_SECOND, self.tokens + (now - self.stamp) * RATE_PER_SECOND)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class SocketState:
+    __slots__ = ("user_id", "expires_at", "expiry_timer", "limiter", "subscribed")
+
+    def __init__(self, user_id: str, expires_at: float) -> None:
+        self.user_id = user_id
+        self.expires_at = expires_at
+        self.expiry_timer: asyncio.TimerHandle | None = None
+        self.limiter = RateLimiter()
+        self.subscribed = True
+
+
+class LocalPresence:
+    """Counts each user's live sockets in this process (the Redis variant spans processes)."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[str, set[str]] = collections.defaultdict(set)
+
+    async def add(self, user_id: str, sid: str) -> int:
+        self._sockets[user_id].add(sid)
+        return len(self._sockets[user_id])
+
+    async def remove(self, user_id: str, sid: str) -> int:
+        sids = self._sockets.get(user_id)
+        if sids is not None:
+            sids.discard(sid)
+            if not sids:
+                del self._sockets[user_id]
+        return len(sids or ())
+
+    async def count(self, user_id: str) -> int:
+        return len(self._sockets.get(user_id, ()))
+
+    async def total(self) -> int:
+        return sum(len(s) for s in self._sockets.values())
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+def _token_from(environ: dict, auth: Any) -> str | None:
+    if isinstance(auth, dict) and auth.get("token") is not None:
+        return bearer(auth["token"]) if isinstance(auth["token"], str) else ""
+    header = bearer(environ.get("HTTP_AUTHORIZATION"))
+    if header:
+        return header
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    return bearer((query.get("token") or [None])[0])
+
+
+def _last_seq(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        seq = int(value)
+    except (ValueError, OverflowError):
+        return None
+    return seq if seq >= 0 else None
+
+
+class EventsGateway:
+    """The /events namespace."""
+
+    def __init__(self, sio: socketio.AsyncServer, tokens: Tokens, events: EventsService,
+                 presence: Any = None, metrics: Any = None) -> None:
+        self.sio = sio
+        self.tokens = tokens
+        self.events = events
+        self.presence = presence or LocalPresence()
+        self.metrics = metrics
+        self.sockets: dict[str, SocketState] = {}
+        for name, handler in (("connect", self.on_connect), ("disconnect", self.on_disconnect),
+                              ("ping", self.on_ping), ("subscribe.tasks", self.on_subscribe),
+                              ("unsubscribe.tasks", self.on_unsubscribe),
+                              ("auth.refresh", self.on_refresh), ("*", self.on_other)):
+            sio.on(name, handler, namespace=NAMESPACE)
+        sio.on("connect", self.on_foreign_connect, namespace="*")
+
+    # connection ------------------------------------------------------------------------------
+
+    async def on_foreign_connect(self, namespace: str, sid: str, environ: dict, auth: Any = None):
+        gateway_log.info("refused connection to namespace %s: Invalid namespace", namespace)
+        raise socketio.exceptions.ConnectionRefusedError("Invalid namespace")
+
+    async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
+        try:
+            identity = self.tokens.verify(_token_from(environ, auth))
+        except AuthError as exc:
+            gateway_log.info("refused connection %s: %s", sid, exc.message)
+            self._count_refusal(exc.message)
+            raise socketio.exceptions.ConnectionRefusedError(exc.message, {"code": 401}) from None
+        user_id = identity.user_id
+        count = await self.presence.add(user_id, sid)
+        if count > MAX_SOCKETS_PER_USER:
+            await self.presence.remove(user_id, sid)
+            gateway_log.info("refused connection %s of user %s: Too many connections", sid, user_id)
+            self._count_refusal("Too many connections")
+            raise socketio.exceptions.ConnectionRefusedError("Too many connections", {"code": 429})
+        state = SocketState(user_id, identity.expires_at)
+        self.sockets[sid] = state
+        self._schedule_expiry(sid, state)
+        await self.sio.enter_room(sid, presence_room(user_id), namespace=NAMESPACE)
+        # The CONNECT answer goes out after this handler returns; emit once it has, so that the
+        # client sees `connected` after its own `connect`.
+        asyncio.get_running_loop().create_task(
+            self._welcome(sid, state, count, auth.get("lastSeq") if isinstance(auth, dict) else None))
+
+    async def _welcome(self, sid: str, state: SocketState, count: int, last_seq: Any) -> None:
+        try:
+            await self.sio.emit("connected", {"clientId": sid, "userId": state.user_id,
+                                              "timestamp": now_iso(), "message": CONNECTED_MESSAGE},
+                                to=sid, namespace=NAMESPACE)
+            await self._attach(sid, state, _last_seq(last_seq))
+            gateway_log.info("client %s connected (user %s, %d open)", sid, state.user_id, count)
+            await self._send_count(state.user_id, count)
+        except Exception:
+            gateway_log.exception("welcoming %s failed", sid)
+
+    async def on_disconnect(self, sid: str, reason: Any = None) -> None:
+        state = self.sockets.pop(sid, None)
+        if state is None:
+            return
+        if state.expiry_timer is not None:
+            state.expiry_timer.cancel()
+        count = await self.presence.remove(state.user_id, sid)
+        gateway_log.info("client %s disconnected (user %s, %s; %d open)", sid, state.user_id,
+                         reason, count)
+        await self._send_count(state.user_id, count)
+
+    async def _send_count(self, user_id: str, count: int) -> None:
+        await self.sio.emit("connections.count", {"count": count}, room=presence_room(user_id),
+                            namespace=NAMESPACE)
+
+    async def _attach(self, sid: str, state: SocketState, last_seq: int | None) -> None:
+        """Join the user's task room, first replaying what the client missed after last_seq."""
+        user_id = state.user_id
+        if last_seq is None:
+            await self.sio.enter_room(sid, task_room(user_id), namespace=NAMESPACE)
+            return
+        async with self.events.user_locks(user_id):
+            after = last_seq
+            while True:
+                envelopes, oldest = await self.events.history(user_id, after, REPLAY_BATCH)
+                if after == last_seq and oldest is not None and oldest > last_seq + 1:
+                    await self.sio.emit("resync", {"oldestSeq": oldest}, to=sid,
+                                        namespace=NAMESPACE)
+                    break
+                for envelope in envelopes:
+                    await self.sio.emit(envelope["event"], envelope, to=sid, namespace=NAMESPACE)
+                    await self.sio.emit("task.event", envelope, to=sid, namespace=NAMESPACE)
+                    after = envelope["seq"]
+                if len(envelopes) < REPLAY_BATCH:
+                    break
+            await self.sio.enter_room(sid, task_room(user_id), namespace=NAMESPACE)
+
+    # token expiry ----------------------------------------------------------------------------
+
+    def _schedule_expiry(self, sid: str, state: SocketState) -> None:
+        if state.expiry_timer is not None:
+            state.expiry_timer.cancel()
+        delay = max(0.0, state.expires_at - time.time())
+        loop = asyncio.get_running_loop()
+        state.expiry_timer = loop.call_later(
+            delay, lambda: loop.create_task(self._expire(sid, state)))
+
+    async def _expire(self, sid: str, state: SocketState) -> None:
+        if self.sockets.get(sid) is not state:
+            return
+        gateway_log.info("client %s: token expired, disconnecting", sid)
+        await self.sio.emit("auth.expired", {"timestamp": now_iso(), "message": "Token expired"},
+                            to=sid, namespace=NAMESPACE)
+        await self.sio.disconnect(sid, namespace=NAMESPACE)
+
+    # client events ---------------------------------------------------------------------------
+
+    async def _admit(self, sid: str) -> SocketState | None:
+        state = self.sockets.get(sid)
+        if state is None:
+            return None
+        if state.limiter.allow():
+            return state
+        now = time.monotonic()
+        if now - state.limiter.warned_at >= 1.0:
+            state.limiter.warned_at = now
+            gateway_log.info("client %s: rate limit exceeded", sid)
+            await self.sio.emit("error", {"message": "Rate limit exceeded"}, to=sid,
+                                namespace=NAMESPACE)
+        return None
+
+    async def _answer(self, sid: str, event: str, payload: dict) -> dict:
+        await self.sio.emit(event, payload, to=sid, namespace=NAMESPACE)
+        return payload
+
+    async def on_ping(self, sid: str, data: Any = None) -> dict | None:
+        if await self._admit(sid) is None:
+            return None
+        message = data.get("message") if isinstance(data, dict) else None
+        if message is not None and not isinstance(message, str):
+            message = None
+        return await self._answer(sid, "pong", {"timestamp": now_iso(), "clientId": sid,
+                                                "message": (message or "pong")[:1000]})
+
+    async def on_subscribe(self, sid: str, data: Any = None) -> dict | None:
+        state = await self._admit(sid)
+        if state is None:
+            return None
+        last_seq = _last_seq(data.get("lastSeq")) if isinstance(data, dict) else None
+        state.subscribed = True
+        await self._attach(sid, state, last_seq)
+        return await self._answer(sid, "subscribed.tasks", {
+            "userId": state.user_id, "timestamp": now_iso(),
+            "message": "Successfully subscribed to task updates"})
+
+    async def on_unsubscribe(self, sid: str, data: Any = None) -> dict | None:
+        state = await self._admit(sid)
+        if state is None:
+            return None
+        state.subscribed = False
+        await self.sio.leave_room(sid, task_room(state.user_id), namespace=NAMESPACE)
+        return await self._answer(sid, "unsubscribed.tasks", {
+            "userId": state.user_id, "timestamp": now_iso(),
+            "message": "Successfully unsubscribed from task updates"})
+
+    async def on_refresh(self, sid: str, data: Any = None) -> dict | None:
+        state = await self._admit(sid)
+        if state is None:
+            return None
+        token = data.get("token") if isinstance(data, dict) else None
+        try:
+            identity = self.tokens.verify(bearer(token) if isinstance(token, str) else None)
+        except AuthError as exc:
+            return {"ok": False, "message": exc.message}
+        if identity.user_id != state.user_id:
+            return {"ok": False, "message": "Token belongs to another user"}
+        state.expires_at = identity.expires_at
+        self._schedule_expiry(sid, state)
+        return {"ok": True, "expiresAt": iso_from_epoch(identity.expires_at)}
+
+    async def on_other(self, event: str, sid: str, *args: Any) -> None:
+        await self._admit(sid)  # unknown events count toward the rate limit, and do nothing
+
+    def _count_refusal(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refusals.labels(reason=reason).inc()
+
+    async def connection_count(self) -> int:
+        return len(self.sockets)
+
+
+def iso_from_epoch(seconds: float) -> str:
+    import datetime as dt
+
+    return iso(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))  # type: ignore[return-value]

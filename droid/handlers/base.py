@@ -1,0 +1,171 @@
+"""The base handler: JSON in and out, bounded bodies, one error shape, bearer authentication."""
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+import orjson
+import pydantic
+import tornado.web
+
+from ..auth import AuthError, Identity, bearer
+from ..errors import ApiError, Invalid, PayloadTooLarge, Unauthorized
+from ..util import dumps
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=pydantic.BaseModel)
+MAX_BODY = 1024 * 1024
+
+
+def error_messages(exc: pydantic.ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            out.append(msg[len("Value error, "):])
+            continue
+        if err["type"] == "missing":
+            out.append(f"{field} is required")
+        else:
+            out.append(f"{field}: {msg[0].lower() + msg[1:]}")
+    return out
+
+
+@tornado.web.stream_request_body
+class ApiHandler(tornado.web.RequestHandler):
+    """JSON API base. The body is streamed so that an oversized one is refused unread."""
+
+    store = property(lambda self: self.settings["store"])
+    task_service = property(lambda self: self.settings["task_service"])
+    agent_service = property(lambda self: self.settings["agent_service"])
+    tokens = property(lambda self: self.settings["tokens"])
+    config = property(lambda self: self.settings["config"])
+    metrics = property(lambda self: self.settings["metrics"])
+
+    def initialize(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.identity: Identity | None = None
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        origin = self.request.headers.get("Origin")
+        if origin:
+            allowed = self.settings["config"].cors_origins
+            if "*" in allowed:
+                self.set_header("Access-Control-Allow-Origin", "*")
+            elif origin.rstrip("/") in allowed:
+                self.set_header("Access-Control-Allow-Origin", origin)
+                self.set_header("Vary", "Origin")
+
+    async def prepare(self) -> None:
+        length = self.request.headers.get("Content-Length")
+        if length is not None:
+            try:
+                too_big = int(length) > MAX_BODY
+            except ValueError:
+                raise Invalid("Content-Length is invalid") from None
+            if too_big:
+                raise PayloadTooLarge(f"Request body is larger than {MAX_BODY} bytes")
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > MAX_BODY:
+            raise PayloadTooLarge(f"Request body is larger than {MAX_BODY} bytes")
+        self._chunks.append(chunk)
+
+    def options(self, *args: Any) -> None:
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers",
+                        "Authorization, Content-Type, Idempotency-Key, Last-Event-ID")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+
+    # input -----------------------------------------------------------------------------------
+
+    def body(self, model: type[M]) -> M:
+        raw = b"".join(self._chunks)
+        if not raw.strip():
+            raise Invalid("Request body must be a JSON object")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise Invalid("Request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise Invalid("Request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except pydantic.ValidationError as exc:
+            raise Invalid(error_messages(exc)) from None
+
+    def query(self, model: type[M]) -> M:
+        args = {k: self.get_query_argument(k) for k in self.request.query_arguments}
+        try:
+            return model.model_validate(args)
+        except pydantic.ValidationError as exc:
+            raise Invalid(error_messages(exc)) from None
+
+    def authenticate(self) -> Identity:
+        try:
+            self.identity = self.tokens.verify(bearer(self.request.headers.get("Authorization")))
+        except AuthError as exc:
+            raise Unauthorized(exc.message) from None
+        return self.identity
+
+    @property
+    def user_id(self) -> str:
+        return (self.identity or self.authenticate()).user_id
+
+    # output ----------------------------------------------------------------------------------
+
+    def reply(self, value: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(dumps(value))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            body = exc.body()
+            self.set_status(exc.status)
+            if exc.status == 401:
+                self.set_header("WWW-Authenticate", 'Bearer realm="droid"')
+        elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
+            body = {"statusCode": status_code, "error": HTTPStatus(status_code).phrase,
+                    "message": exc.log_message or HTTPStatus(status_code).phrase}
+            if status_code == 405:
+                self.set_header("Allow", ", ".join(self.allowed_methods()))
+        else:
+            status_code = 500 if status_code < 500 else status_code
+            self.set_status(status_code)
+            body = {"statusCode": status_code, "error": HTTPStatus(status_code).phrase,
+                    "message": "Internal server error"}
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.clear_header("Content-Disposition")
+        self.finish(dumps(body))
+
+    def allowed_methods(self) -> list[str]:
+        base = tornado.web.RequestHandler
+        return [m for m in ("GET", "POST")
+                if getattr(type(self), m.lower()) is not getattr(base, m.lower())] + ["OPTIONS"]
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, ApiError):
+            return
+        if isinstance(value, tornado.web.HTTPError) and value.status_code < 500:
+            return
+        log.error("unexpected error on %s %s", self.request.method, self.request.path,
+                  exc_info=(typ, value, tb))
+
+    def on_finish(self) -> None:
+        metrics = self.settings.get("metrics")
+        if metrics is not None:
+            metrics.http_requests.labels(code=f"{self.get_status() // 100}xx").inc()
+
+
+class NotFoundHandler(ApiHandler):
+    def prepare(self) -> None:  # type: ignore[override]
+        raise ApiError("Cannot %s %s" % (self.request.method, self.request.path), 404)

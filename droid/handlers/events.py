@@ -1,0 +1,95 @@
+"""Stored task events over REST: a page of envelopes, and a Server-Sent Events stream."""
+from __future__ import annotations
+
+import asyncio
+
+import tornado.iostream
+
+from ..auth import AuthError, bearer
+from ..errors import Invalid, Unauthorized
+from ..schemas import EventsQuery
+from ..util import dumps
+from .base import ApiHandler
+
+KEEPALIVE_S = 15.0
+POLL_S = 1.0
+
+
+class EventsHandler(ApiHandler):
+    async def get(self) -> None:
+        user_id = self.user_id
+        q = self.query(EventsQuery)
+        items = await self.store.events_after(user_id, q.after, q.limit)
+        envelopes = [d["envelope"] for d in items]
+        last = envelopes[-1]["seq"] if envelopes else await self.store.last_seq(user_id)
+        self.reply({"items": envelopes, "lastSeq": max(last, q.after) if envelopes else last})
+
+
+class EventStreamHandler(ApiHandler):
+    """Live envelopes as SSE, read from the event store so that resume has no gap."""
+
+    def authenticate(self):  # EventSource cannot send headers: accept ?token= as well
+        header = bearer(self.request.headers.get("Authorization"))
+        token = header or bearer(self.get_query_argument("token", None))
+        try:
+            self.identity = self.tokens.verify(token)
+        except AuthError as exc:
+            raise Unauthorized(exc.message) from None
+        return self.identity
+
+    async def get(self) -> None:
+        user_id = self.user_id
+        after = self._resume_point()
+        events = self.settings["events_service"]
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("X-Accel-Buffering", "no")
+        self._closed = False
+        self.write(": droid event stream\nretry: 2000\n\n")
+        await self.flush()
+        wakeup = self._wakeup = events.watch(user_id)
+        try:
+            idle = 0.0
+            while not self._closed:
+                docs = await self.store.events_after(user_id, after, 500)
+                for doc in docs:
+                    env = doc["envelope"]
+                    self.write(f"id: {env['seq']}\nevent: {env['event']}\ndata: ")
+                    self.write(dumps(env))
+                    self.write("\n\n")
+                    after = env["seq"]
+                if docs:
+                    idle = 0.0
+                    await self.flush()
+                    if len(docs) == 500:
+                        continue
+                elif idle >= KEEPALIVE_S:
+                    idle = 0.0
+                    self.write(": keepalive\n\n")
+                    await self.flush()
+                wakeup.clear()
+                try:
+                    await asyncio.wait_for(wakeup.wait(), POLL_S)
+                except asyncio.TimeoutError:
+                    idle += POLL_S
+        except tornado.iostream.StreamClosedError:
+            pass
+        finally:
+            events.unwatch(user_id, wakeup)
+        if not self._closed:
+            self.finish()
+
+    def _resume_point(self) -> int:
+        raw = self.request.headers.get("Last-Event-ID") or self.get_query_argument("after", "0")
+        try:
+            after = int(raw)
+        except ValueError:
+            raise Invalid("Last-Event-ID / after must be a whole number") from None
+        if after < 0:
+            raise Invalid("Last-Event-ID / after must be >= 0")
+        return after
+
+    def on_connection_close(self) -> None:
+        self._closed = True
+        wakeup = getattr(self, "_wakeup", None)
+        if wakeup is not None:
+            wakeup.set()

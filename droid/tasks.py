@@ -1,0 +1,296 @@
+"""The task state machine: every change of a task's state happens here, and is published here.
+
+pending -> processing -> completed | failed;  pending | processing -> cancelled;
+processing -> pending (a failed attempt with retries left, a lost lease, or a shutdown).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import logging
+from typing import Any, Awaitable, Callable, Protocol
+
+from .errors import Conflict, Invalid, NotFound
+from .store import ACTIVE, PRIORITY_RANK, Store
+from .util import dumps, iso, loads, new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+TASK_FIELDS = ("id", "userId", "agentId", "status", "priority", "prompt", "response", "error",
+               "tokensUsed", "executionTimeMs", "retryCount", "metadata", "createdAt",
+               "updatedAt", "startedAt", "completedAt")
+_DATES = ("createdAt", "updatedAt", "startedAt", "completedAt")
+_BASE = ("taskId", "userId", "agentId", "status")
+EVENT_FIELDS = {
+    "task.processing": _BASE + ("retryCount", "startedAt", "updatedAt"),
+    "task.completed": _BASE + ("response", "tokensUsed", "executionTimeMs", "completedAt",
+                               "updatedAt"),
+    "task.failed": _BASE + ("error", "retryCount", "completedAt", "updatedAt"),
+    "task.cancelled": _BASE + ("completedAt", "updatedAt"),
+    # An addition to the contract: a task went back to `pending` (a retry, a lost worker, or a
+    # shutdown), so that every state change is seen live.
+    "task.pending": _BASE + ("error", "retryCount", "updatedAt"),
+}
+IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
+LOST_WORKER = "The worker running this task stopped responding"
+
+
+class Publisher(Protocol):
+    async def publish(self, user_id: str, event: str, data: dict, *, durable: bool = True) -> None:
+        """Deliver one event of a user's task (to storage and to live sockets)."""
+
+
+class LogPublisher:
+    """The publisher used when nothing else is plugged in: it only logs."""
+
+    async def publish(self, user_id: str, event: str, data: dict, *, durable: bool = True) -> None:
+        log.debug("%s for user %s", event, user_id)
+
+
+def task_json(doc: dict) -> dict:
+    """The public form of a stored task (the contract's field list, ISO dates)."""
+    out = {f: doc.get(f) for f in TASK_FIELDS}
+    out["id"] = doc["_id"]
+    for f in _DATES:
+        out[f] = iso(doc.get(f))
+    out["retryCount"] = doc.get("retryCount", 0)
+    return out
+
+
+def event_data(event: str, task: dict) -> dict:
+    if event == "task.created":
+        return {**task, "taskId": task["id"]}
+    full = {**task, "taskId": task["id"]}
+    return {k: full.get(k) for k in EVENT_FIELDS[event]}
+
+
+def encode_cursor(doc: dict) -> str:
+    created: dt.datetime = doc["createdAt"]
+    raw = dumps([int(created.replace(tzinfo=dt.timezone.utc).timestamp() * 1000), doc["_id"]])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        ms, task_id = loads(raw)
+        if not isinstance(ms, int) or not isinstance(task_id, str) or isinstance(ms, bool):
+            raise ValueError
+        created = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).replace(tzinfo=None)
+        return created, task_id
+    except (ValueError, TypeError, binascii.Error, OverflowError, OSError):
+        raise Invalid("cursor is invalid") from None
+
+
+class TaskService:
+    """Creates, reads and moves tasks; the only writer of a task's `status`."""
+
+    def __init__(self, store: Store, publisher: Publisher | None = None, *, max_retries: int = 2,
+                 retry_backoff_s: float = 1.0) -> None:
+        self.store = store
+        self.publisher: Publisher = publisher or LogPublisher()
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self._created_listeners: list[Callable[[], None]] = []
+        self._cancel_listeners: list[Callable[[str], None]] = []
+
+    def on_created(self, listener: Callable[[], None]) -> None:
+        self._created_listeners.append(listener)
+
+    def on_cancelled(self, listener: Callable[[str], None]) -> None:
+        self._cancel_listeners.append(listener)
+
+    # reads -----------------------------------------------------------------------------------
+
+    async def get(self, user_id: str, task_id: str) -> dict:
+        doc = await self.store.task_by_id(task_id, user_id)
+        if doc is None:
+            raise NotFound("Task not found")
+        return task_json(doc)
+
+    async def page(self, user_id: str, *, status: str | None = None, agent_id: str | None = None,
+                   limit: int = 20, cursor: str | None = None) -> dict:
+        after = decode_cursor(cursor) if cursor else None
+        docs = await self.store.tasks_page(user_id, status=status, agent_id=agent_id,
+                                           limit=limit + 1, after=after)
+        more = len(docs) > limit
+        docs = docs[:limit]
+        return {"items": [task_json(d) for d in docs],
+                "nextCursor": encode_cursor(docs[-1]) if more else None}
+
+    # changes made by users -------------------------------------------------------------------
+
+    async def create(self, user_id: str, *, agent_id: str, prompt: str, priority: str = "normal",
+                     metadata: dict | None = None,
+                     idempotency_key: str | None = None) -> tuple[dict, bool]:
+        """Create a pending task; with an idempotency key seen before, the first task instead.
+
+        Returns (task, created).
+        """
+        now = utcnow()
+        task_id = new_id()
+        if idempotency_key is not None:
+            first = await self._claim_key(user_id, idempotency_key, task_id, now)
+            if first != task_id:
+                return await self._await_task(user_id, first), False
+        doc = {"_id": task_id, "userId": user_id, "agentId": agent_id, "status": "pending",
+               "priority": priority, "priorityRank": PRIORITY_RANK[priority], "prompt": prompt,
+               "response": None, "error": None, "tokensUsed": None, "executionTimeMs": None,
+               "retryCount": 0, "metadata": metadata, "createdAt": now, "updatedAt": now,
+               "startedAt": None, "completedAt": None, "runAfter": now, "attempt": 0,
+               "leaseOwner": None, "leaseExpiresAt": None}
+        await self.store.insert_task(doc)
+        task = task_json(doc)
+        await self._publish(user_id, "task.created", task)
+        for listener in self._created_listeners:
+            listener()
+        return task, True
+
+    async def _claim_key(self, user_id: str, key: str, task_id: str, now: dt.datetime) -> str:
+        first = await self.store.remember_key(user_id, key, task_id, now)
+        if first == task_id:
+            return task_id
+        if await self.store.key_task(user_id, key, now - IDEMPOTENCY_WINDOW) is None:
+            # The key is older than the window but its document is not yet expired: reuse it.
+            await self.store.idempotency.update_one(
+                {"userId": user_id, "key": key}, {"$set": {"taskId": task_id, "createdAt": now}})
+            return task_id
+        return first
+
+    async def _await_task(self, user_id: str, task_id: str) -> dict:
+        # A concurrent request with the same key may have reserved it a moment before inserting.
+        for _ in range(50):
+            doc = await self.store.task_by_id(task_id, user_id)
+            if doc is not None:
+                return task_json(doc)
+            await asyncio.sleep(0.02)
+        raise Conflict("A request with this Idempotency-Key is still being processed")
+
+    async def cancel(self, user_id: str, task_id: str) -> dict:
+        """Cancel a pending or processing task; 404 when not the caller's, 409 when finished."""
+        now = utcnow()
+        doc = await self._transition(
+            {"_id": task_id, "userId": user_id, "status": {"$in": list(ACTIVE)}},
+            {"$set": {"status": "cancelled", "updatedAt": now, "completedAt": now,
+                      "leaseOwner": None, "leaseExpiresAt": None}},
+            "task.cancelled")
+        if doc is None:
+            existing = await self.store.task_by_id(task_id, user_id)
+            if existing is None:
+                raise NotFound("Task not found")
+            raise Conflict(f"Task is already {existing['status']}")
+        for listener in self._cancel_listeners:
+            listener(task_id)
+        return task_json(doc)
+
+    # changes made by workers -----------------------------------------------------------------
+
+    async def claim(self, owner: str, lease_s: float) -> dict | None:
+        """Take the most urgent pending task that is due, under a lease; None when none is."""
+        now = utcnow()
+        lease_until = now + dt.timedelta(seconds=lease_s)
+        return await self._transition(
+            {"status": "pending", "runAfter": {"$lte": now}},
+            {"$set": {"status": "processing", "startedAt": now, "updatedAt": now,
+                      "leaseOwner": owner, "leaseExpiresAt": lease_until},
+             "$inc": {"attempt": 1}},
+            "task.processing", claim=True)
+
+    async def renew(self, doc: dict, owner: str, lease_s: float) -> bool:
+        """Extend the lease of a running attempt; False when the attempt is no longer ours."""
+        until = utcnow() + dt.timedelta(seconds=lease_s)
+        updated = await self.store.update_task(
+            {"_id": doc["_id"], "status": "processing", "attempt": doc["attempt"],
+             "leaseOwner": owner}, {"$set": {"leaseExpiresAt": until}})
+        return updated is not None
+
+    async def progress(self, doc: dict, delta: str) -> None:
+        data = {"taskId": doc["_id"], "userId": doc["userId"], "agentId": doc["agentId"],
+                "delta": delta, "updatedAt": iso(utcnow())}
+        await self.publisher.publish(doc["userId"], "task.progress", data, durable=False)
+
+    async def complete(self, doc: dict, *, response: str, tokens_used: int,
+                       execution_time_ms: int) -> bool:
+        now = utcnow()
+        return await self._transition(
+            self._attempt_query(doc),
+            {"$set": {"status": "completed", "response": response, "tokensUsed": tokens_used,
+                      "executionTimeMs": execution_time_ms, "error": None, "completedAt": now,
+                      "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None}},
+            "task.completed") is not None
+
+    async def fail_attempt(self, doc: dict, error: str, *, execution_time_ms: int | None = None,
+                           retryable: bool = True) -> str | None:
+        """End a failed attempt: back to pending while retries remain, else failed.
+
+        Returns the new status, or None when the attempt was no longer current (cancelled,
+        or taken over after its lease ran out).
+        """
+        now = utcnow()
+        retries = doc.get("retryCount", 0)
+        if retryable and retries < self.max_retries:
+            delay = min(self.retry_backoff_s * (2 ** retries), 60.0)
+            updated = await self._transition(
+                self._attempt_query(doc),
+                {"$set": {"status": "pending", "error": error, "updatedAt": now,
+                          "runAfter": now + dt.timedelta(seconds=delay), "leaseOwner": None,
+                          "leaseExpiresAt": None, "executionTimeMs": execution_time_ms},
+                 "$inc": {"retryCount": 1}},
+                "task.pending")
+            return "pending" if updated is not None else None
+        updated = await self._transition(
+            self._attempt_query(doc),
+            {"$set": {"status": "failed", "error": error, "completedAt": now, "updatedAt": now,
+                      "leaseOwner": None, "leaseExpiresAt": None,
+                      "executionTimeMs": execution_time_ms}},
+            "task.failed")
+        return "failed" if updated is not None else None
+
+    async def requeue(self, doc: dict) -> bool:
+        """Give an interrupted attempt back (shutdown): pending again, no retry used."""
+        now = utcnow()
+        return await self._transition(
+            self._attempt_query(doc),
+            {"$set": {"status": "pending", "updatedAt": now, "runAfter": now,
+                      "leaseOwner": None, "leaseExpiresAt": None}},
+            "task.pending") is not None
+
+    async def reap_expired(self) -> int:
+        """Fail the attempts whose lease ran out (their process died); returns how many."""
+        expired = await self.store.tasks_matching(
+            {"status": "processing", "leaseExpiresAt": {"$lt": utcnow()}})
+        count = 0
+        for doc in expired:
+            if await self.fail_attempt(doc, LOST_WORKER) is not None:
+                log.warning("task %s: lease of %s ran out; attempt counted as failed",
+                            doc["_id"], doc.get("leaseOwner"))
+                count += 1
+        return count
+
+    async def current_status(self, task_id: str) -> tuple[str, int] | None:
+        doc = await self.store.task_by_id(task_id)
+        return (doc["status"], doc.get("attempt", 0)) if doc else None
+
+    # the one place a state changes -----------------------------------------------------------
+
+    @staticmethod
+    def _attempt_query(doc: dict) -> dict:
+        return {"_id": doc["_id"], "status": "processing", "attempt": doc["attempt"]}
+
+    async def _transition(self, query: dict, update: dict, event: str,
+                          claim: bool = False) -> dict | None:
+        if claim:
+            doc = await self.store.claim_task(query, update)
+        else:
+            doc = await self.store.update_task(query, update)
+        if doc is not None:
+            await self._publish(doc["userId"], event, task_json(doc))
+        return doc
+
+    async def _publish(self, user_id: str, event: str, task: dict) -> None:
+        try:
+            await self.publisher.publish(user_id, event, event_data(event, task))
+        except Exception:  # the state is stored; a lost notification must not undo it
+            log.exception("publishing %s for task %s failed", event, task["id"])

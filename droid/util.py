@@ -1,0 +1,55 @@
+"""Small shared helpers: clocks, ids and the JSON codec used on every wire."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import orjson
+
+_UTC = dt.timezone.utc
+
+
+def utcnow() -> dt.datetime:
+    """Now, as a naive UTC datetime truncated to milliseconds (what BSON stores)."""
+    now = dt.datetime.now(_UTC).replace(tzinfo=None)
+    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """Format like JavaScript's Date.toISOString(): 2024-01-01T00:00:00.000Z."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(_UTC).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def now_iso() -> str:
+    return iso(utcnow())  # type: ignore[return-value]
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def loads(data: bytes | str) -> Any:
+    return orjson.loads(data)
+
+
+class OrjsonModule:
+    """A `json`-module look-alike for python-socketio/engineio (`json=` argument)."""
+
+    JSONDecodeError = orjson.JSONDecodeError
+
+    @staticmethod
+    def dumps(value: Any, **_: Any) -> str:
+        return orjson.dumps(value).decode()
+
+    @staticmethod
+    def loads(data: str | bytes, **_: Any) -> Any:
+        return orjson.loads(data)
