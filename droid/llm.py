@@ -18,7 +18,8 @@ import logging
 import math
 import re
 import ssl
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -178,7 +179,7 @@ def _error_text(obj: Any) -> str:
     """The human part of an error body: OpenAI `{error: {message}}`, Ollama `{error: "…"}`, …"""
     if isinstance(obj, dict):
         for key in ("error", "message", "detail", "msg"):
-            if key in obj and obj[key]:
+            if obj.get(key):
                 return _error_text(obj[key])
         return ""
     if isinstance(obj, list) and obj:
@@ -188,8 +189,12 @@ def _error_text(obj: Any) -> str:
     return ""
 
 
-class _Abandoned(Exception):
-    """Raised into Tornado to drop the connection of a request nobody waits for any more."""
+class _StopReading(HTTPInputError):
+    """Raised into Tornado's read loop to drop a response's connection.
+
+    Tornado logs any other exception from a streaming callback as "Uncaught exception" (ERROR);
+    an HTTPInputError passes through quietly (one INFO line) and closes the connection.
+    """
 
 
 class _Exchange:
@@ -229,8 +234,7 @@ class _Exchange:
 
     async def on_chunk(self, chunk: bytes) -> None:
         if self.abandoned:
-            # The caller stopped waiting (cancelled): raising here makes Tornado close the socket.
-            raise _Abandoned()
+            raise _StopReading("Droid stopped reading the LLM answer: nobody waits for it")
         try:
             if self.streaming:
                 await self._feed(chunk)
@@ -240,9 +244,11 @@ class _Exchange:
                 if len(chunk) > room:
                     self.too_large = 200 <= self.code < 300
                 self.buffer += chunk[:max(0, room)]
-        except BaseException as exc:
+        except Exception as exc:
+            # Kept for run() to raise: what reaches fetch() is only a closed connection.
             self.error = exc
-            raise
+            raise _StopReading(f"Droid stopped reading the LLM answer ({type(exc).__name__})"
+                               ) from exc
 
     # Server-Sent Events ------------------------------------------------------------------------
     @property
@@ -416,7 +422,7 @@ class OpenAIProvider:
             if isinstance(failure, AgentError):
                 raise self._fail(failure.message, retryable=failure.retryable) from None
             if failure is not None:
-                raise failure
+                raise failure from None
             raise self._network_error(exc) from exc
         return await self._result(exchange, response, prompt)
 

@@ -1,0 +1,78 @@
+"""Configuration: defaults, .env, and one clear line with exit code 2 for bad values."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from droid.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_need_no_configuration():
+    config = load_config({}, dotenv_path=None)
+    assert (config.host, config.port, config.env) == ("0.0.0.0", 3000, "development")
+    assert config.mongodb_uri is None and config.jwt_secret_generated
+    assert len(config.jwt_secret) >= 32
+    assert config.cors_origins == ("*",) and config.worker_concurrency == 4
+    assert (config.task_max_retries, config.task_timeout_s, config.jwt_expires_in) == (2, 120.0, 3600)
+
+
+def test_dotenv_is_read_and_the_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=4100\nLOG_LEVEL=debug\nCORS_ORIGIN=http://a.example, http://b.example/\n")
+    config = load_config({"PORT": "4200"}, dotenv_path=str(env_file))
+    assert config.port == 4200
+    assert config.log_level == "DEBUG"
+    assert config.cors_origins == ("http://a.example", "http://b.example")
+
+
+def test_database_name_comes_from_the_uri_unless_given():
+    assert load_config({"MONGODB_URI": "mongodb://h:27017/shop"}, dotenv_path=None).mongodb_db == "shop"
+    assert load_config({"MONGODB_URI": "mongodb://h:27017/shop", "MONGODB_DB": "x"},
+                       dotenv_path=None).mongodb_db == "x"
+    assert load_config({"MONGODB_URI": "mongodb+srv://u:p@c.example.net/?retryWrites=true"},
+                       dotenv_path=None).mongodb_db == "droid"
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"PORT": "abc"}, "PORT"),
+    ({"PORT": "70000"}, "PORT"),
+    ({"MONGODB_URI": "postgres://x"}, "MONGODB_URI"),
+    ({"MONGODB_URI": "mongodb://host:notaport"}, "MONGODB_URI"),
+    ({"WORKER_CONCURRENCY": "-1"}, "WORKER_CONCURRENCY"),
+    ({"TASK_TIMEOUT_S": "nan"}, "TASK_TIMEOUT_S"),
+    ({"JWT_SECRET": "short"}, "JWT_SECRET"),
+    ({"JWT_EXPIRES_IN": "0"}, "JWT_EXPIRES_IN"),
+    ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+    ({"LLM_BASE_URL": "not a url"}, "LLM_BASE_URL"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"DROID_ENV": "staging"}, "DROID_ENV"),
+    ({"DROID_ENV": "production"}, "MONGODB_URI"),
+    ({"DROID_ENV": "production", "MONGODB_URI": "mongodb://h/db"}, "JWT_SECRET"),
+])
+def test_bad_values_name_the_variable(env, name):
+    with pytest.raises(ConfigError) as info:
+        load_config(env, dotenv_path=None)
+    assert name in str(info.value)
+
+
+def _run(env: dict) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "JWT", "PORT"))}
+    full.update(env)
+    return subprocess.run([sys.executable, "-m", "droid"], env=full, cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_bad_port_stops_start_up_with_exit_code_2():
+    result = _run({"PORT": "http"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PORT" in lines[0]
+
+
+def test_production_without_database_refuses_to_start():
+    result = _run({"DROID_ENV": "production"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "MONGODB_URI" in result.stderr
