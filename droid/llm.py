@@ -8,7 +8,7 @@ Every failure is an `AgentError` whose `message` is safe to show the task's owne
 the API key or the Authorization header, and `retryable` says whether another attempt may succeed.
 
 This module knows nothing of the web layer, Socket.IO or the database; it only speaks HTTP, through
-Tornado's default (pure-Python) `AsyncHTTPClient`. Prompts and keys are never logged.
+Tornado's pure-Python `SimpleAsyncHTTPClient`. Prompts and keys are never logged.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders, HTTPInputError
-from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
+from tornado.simple_httpclient import (HTTPStreamClosedError, HTTPTimeoutError,
+                                       SimpleAsyncHTTPClient, _HTTPConnection)
 
 from droid import __version__
 
@@ -197,6 +198,56 @@ class _StopReading(HTTPInputError):
     """
 
 
+class _HTTPClient(SimpleAsyncHTTPClient):
+    """Tornado's simple client, plus `abort`: drop a request's connection now.
+
+    Tornado has no public way to stop a fetch. Without this, a cancelled attempt (a user's cancel,
+    a shutdown, the task timeout) would leave its request open until `timeout_s`, and an LLM
+    server that has not sent its first byte yet would go on working for nobody. Closing the
+    connection tells it to stop (vLLM, Ollama and OpenAI abort a request whose client left).
+    This leans on two internals of `tornado.simple_httpclient` that have been stable since
+    Tornado 5 (`_connection_class`, `_HTTPConnection._handle_exception`); if they change,
+    `abort` does nothing and the request ends by its own timeout, as before.
+    """
+
+    def initialize(self, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(**kwargs)
+        self.live: dict[HTTPRequest, Any] = {}
+
+    def _connection_class(self) -> type:
+        return _TrackedConnection
+
+    def abort(self, request: HTTPRequest) -> None:
+        """End `request` at once with a closed-stream error, closing its connection."""
+        connection = self.live.pop(request, None)
+        if connection is None or getattr(connection, "final_callback", None) is None:
+            return
+        try:
+            connection._handle_exception(HTTPStreamClosedError,
+                                         HTTPStreamClosedError("Request abandoned"), None)
+        except Exception:  # a Tornado whose internals differ: the request times out instead
+            log.debug("could not abort an LLM request", exc_info=True)
+
+    def abort_all(self) -> None:
+        for request in list(self.live):
+            self.abort(request)
+
+
+class _TrackedConnection(_HTTPConnection):
+    """A connection that the client can find (by its request) until it is released."""
+
+    def __init__(self, client: _HTTPClient, request: Any, release_callback: Callable[[], None],
+                 *args: Any, **kwargs: Any) -> None:
+        original = getattr(request, "request", request)  # Tornado wraps it in a _RequestProxy
+
+        def release() -> None:
+            client.live.pop(original, None)
+            release_callback()
+
+        client.live[original] = self  # before __init__, which starts the request
+        super().__init__(client, request, release, *args, **kwargs)
+
+
 class _Exchange:
     """One request's response, read as it arrives.
 
@@ -337,22 +388,23 @@ class OpenAIProvider:
         self.timeout_s = timeout_s
         self.stream = stream
         self._api_key = api_key or None
-        self._client: AsyncHTTPClient | None = None
+        self._client: _HTTPClient | None = None
 
     def __repr__(self) -> str:
         # Never the key.
         return (f"OpenAIProvider(base_url={_display_url(self.base_url)!r}, model={self.model!r}, "
                 f"key={'set' if self._api_key else 'unset'})")
 
-    def _http(self) -> AsyncHTTPClient:
+    def _http(self) -> _HTTPClient:
         # Created on first use, inside the event loop that will run it.
         if self._client is None:
-            self._client = AsyncHTTPClient(force_instance=True, max_clients=64)
+            self._client = _HTTPClient(force_instance=True, max_clients=64)
         return self._client
 
     async def close(self) -> None:
-        """Release the HTTP client. Requests still running end by their own timeout."""
+        """Release the HTTP client, dropping any request still open (an abandoned one)."""
         if self._client is not None:
+            self._client.abort_all()
             self._client.close()
             self._client = None
 
@@ -408,7 +460,8 @@ class OpenAIProvider:
         )
         log.debug("LLM request to %s (model %s, stream %s)", _display_url(self.url), chosen,
                   self.stream)
-        future = self._http().fetch(request, raise_error=False)
+        client = self._http()
+        future = client.fetch(request, raise_error=False)
         try:
             # Shielded: if the caller is cancelled, Tornado's future must not be, or Tornado logs
             # the request's later end as an error. The request is abandoned instead.
@@ -416,6 +469,7 @@ class OpenAIProvider:
         except asyncio.CancelledError:
             exchange.abandoned = True
             future.add_done_callback(_retrieve)
+            client.abort(request)
             raise
         except Exception as exc:
             failure = exchange.error  # raised inside Tornado's read loop, by us or by on_delta

@@ -87,7 +87,11 @@ def build_openapi(version: str) -> dict:
                            {"name": "Last-Event-ID", "in": "header", "required": False,
                             "schema": {"type": "string"}}],
             "responses": {"200": {"description": "An event stream",
-                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                  "content": {"text/event-stream": {"schema": {
+                                      "type": "object",
+                                      "properties": {"id": {"type": "string"},
+                                                     "event": {"type": "string"},
+                                                     "data": {"type": "string"}}}}}},
                           "400": _ERR, "401": _ERR}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "security": [{"bearer": []}],
                              "responses": {"200": {"description": "Prometheus text format",

@@ -8,6 +8,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..store import ACTIVE, FINAL
+from ..util import utcnow
 from .base import ApiHandler
 
 
@@ -31,6 +32,8 @@ class MetricsHandler(ApiHandler):
         store = self.store
         for status in ACTIVE + FINAL:
             metrics.tasks.labels(status=status).set(await store.count_tasks({"status": status}))
+        metrics.queue_depth.set(await store.count_tasks(
+            {"status": "pending", "runAfter": {"$lte": utcnow()}}))
         metrics.connections.set(len(self.settings["gateway"].sockets))
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(metrics.registry))
