@@ -36,7 +36,8 @@ class TaskBody(Strict):
     prompt: str = Field(min_length=1, max_length=32000)
     agentId: str | None = Field(default=None, max_length=64)
     priority: Priority = "normal"
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Any JSON object; returned as given")
 
     @field_validator("prompt")
     @classmethod
@@ -44,33 +45,6 @@ class TaskBody(Strict):
         if not value.strip():
             raise ValueError("prompt must be a non-empty string")
         return value
-
-    @field_validator("metadata")
-    @classmethod
-    def small_metadata(cls, value: dict | None) -> dict | None:
-        if value is not None and _depth(value) > 8:
-            raise ValueError("metadata is nested too deeply (8 levels at most)")
-        if value is not None and any(k.startswith("$") or "." in k for k in _keys(value)):
-            raise ValueError("metadata keys may not start with '$' or contain '.'")
-        return value
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
-
-
-def _keys(value: Any):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield k
-            yield from _keys(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _keys(v)
 
 
 class TaskQuery(Strict):

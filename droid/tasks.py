@@ -56,6 +56,9 @@ def task_json(doc: dict) -> dict:
     for f in _DATES:
         out[f] = iso(doc.get(f))
     out["retryCount"] = doc.get("retryCount", 0)
+    # Stored as JSON text: user keys may hold anything ('$', '.', NUL) that BSON field names may not.
+    raw = doc.get("metadataJson")
+    out["metadata"] = loads(raw) if raw is not None else None
     return out
 
 
@@ -95,12 +98,23 @@ class TaskService:
         self.retry_backoff_s = retry_backoff_s
         self._created_listeners: list[Callable[[], None]] = []
         self._cancel_listeners: list[Callable[[str], None]] = []
+        self._requeue_listeners: list[Callable[[float], None]] = []
 
     def on_created(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after a task is created here (a worker wakes up)."""
         self._created_listeners.append(listener)
 
     def on_cancelled(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(task_id)` after a task is cancelled here (its attempt stops)."""
         self._cancel_listeners.append(listener)
+
+    def on_requeued(self, listener: Callable[[float], None]) -> None:
+        """Call `listener(delay_s)` when a task goes back to pending, due in `delay_s` seconds."""
+        self._requeue_listeners.append(listener)
+
+    def retry_delay(self, retry_count: int) -> float:
+        """Backoff before the retry that follows `retry_count` earlier retries: doubling, <= 60 s."""
+        return min(self.retry_backoff_s * (2 ** retry_count), 60.0)
 
     # reads -----------------------------------------------------------------------------------
 
@@ -138,7 +152,8 @@ class TaskService:
         doc = {"_id": task_id, "userId": user_id, "agentId": agent_id, "status": "pending",
                "priority": priority, "priorityRank": PRIORITY_RANK[priority], "prompt": prompt,
                "response": None, "error": None, "tokensUsed": None, "executionTimeMs": None,
-               "retryCount": 0, "metadata": metadata, "createdAt": now, "updatedAt": now,
+               "retryCount": 0, "createdAt": now, "updatedAt": now,
+               "metadataJson": dumps(metadata).decode() if metadata is not None else None,
                "startedAt": None, "completedAt": None, "runAfter": now, "attempt": 0,
                "leaseOwner": None, "leaseExpiresAt": None}
         await self.store.insert_task(doc)
@@ -207,9 +222,13 @@ class TaskService:
         return updated is not None
 
     async def progress(self, doc: dict, delta: str) -> None:
+        """Publish a piece of a running attempt's answer (live only, not a change of state)."""
         data = {"taskId": doc["_id"], "userId": doc["userId"], "agentId": doc["agentId"],
                 "delta": delta, "updatedAt": iso(utcnow())}
-        await self.publisher.publish(doc["userId"], "task.progress", data, durable=False)
+        try:
+            await self.publisher.publish(doc["userId"], "task.progress", data, durable=False)
+        except Exception:  # a lost piece of progress must not fail the attempt
+            log.warning("publishing task.progress for task %s failed", doc["_id"], exc_info=True)
 
     async def complete(self, doc: dict, *, response: str, tokens_used: int,
                        execution_time_ms: int) -> bool:
@@ -231,7 +250,7 @@ class TaskService:
         now = utcnow()
         retries = doc.get("retryCount", 0)
         if retryable and retries < self.max_retries:
-            delay = min(self.retry_backoff_s * (2 ** retries), 60.0)
+            delay = self.retry_delay(retries)
             updated = await self._transition(
                 self._attempt_query(doc),
                 {"$set": {"status": "pending", "error": error, "updatedAt": now,
@@ -239,7 +258,10 @@ class TaskService:
                           "leaseExpiresAt": None, "executionTimeMs": execution_time_ms},
                  "$inc": {"retryCount": 1}},
                 "task.pending")
-            return "pending" if updated is not None else None
+            if updated is None:
+                return None
+            self._requeued(delay)
+            return "pending"
         updated = await self._transition(
             self._attempt_query(doc),
             {"$set": {"status": "failed", "error": error, "completedAt": now, "updatedAt": now,
@@ -251,14 +273,24 @@ class TaskService:
     async def requeue(self, doc: dict) -> bool:
         """Give an interrupted attempt back (shutdown): pending again, no retry used."""
         now = utcnow()
-        return await self._transition(
+        updated = await self._transition(
             self._attempt_query(doc),
             {"$set": {"status": "pending", "updatedAt": now, "runAfter": now,
                       "leaseOwner": None, "leaseExpiresAt": None}},
-            "task.pending") is not None
+            "task.pending")
+        if updated is None:
+            return False
+        self._requeued(0.0)
+        return True
 
     async def reap_expired(self) -> int:
-        """Fail the attempts whose lease ran out (their process died); returns how many."""
+        """End the attempts whose lease ran out (their process died); returns how many.
+
+        A lost attempt counts as a failed one: back to pending with `retryCount + 1` while
+        retries remain, else failed with LOST_WORKER. Counting it bounds a task that kills
+        every process that runs it (a "poison" task) to TASK_MAX_RETRIES + 1 attempts, instead
+        of taking down one worker after another forever.
+        """
         expired = await self.store.tasks_matching(
             {"status": "processing", "leaseExpiresAt": {"$lt": utcnow()}})
         count = 0
@@ -288,6 +320,10 @@ class TaskService:
         if doc is not None:
             await self._publish(doc["userId"], event, task_json(doc))
         return doc
+
+    def _requeued(self, delay_s: float) -> None:
+        for listener in self._requeue_listeners:
+            listener(delay_s)
 
     async def _publish(self, user_id: str, event: str, task: dict) -> None:
         try:

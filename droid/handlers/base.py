@@ -18,19 +18,46 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 MAX_BODY = 1024 * 1024
 
 
+_MESSAGES = {
+    "missing": "{field} is required",
+    "string_type": "{field} must be a string",
+    "string_too_long": "{field} must be at most {max_length} characters",
+    "dict_type": "{field} must be an object",
+    "int_type": "{field} must be a whole number",
+    "int_parsing": "{field} must be a whole number",
+    "int_from_float": "{field} must be a whole number",
+    "greater_than_equal": "{field} must be at least {ge}",
+    "less_than_equal": "{field} must be at most {le}",
+    "literal_error": "{field} must be one of {expected}",
+}
+
+
 def error_messages(exc: pydantic.ValidationError) -> list[str]:
+    """pydantic's errors as short sentences that name the field ("prompt must be a string")."""
     out = []
     for err in exc.errors(include_url=False):
         field = ".".join(str(p) for p in err["loc"]) or "body"
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            out.append(msg[len("Value error, "):])
-            continue
-        if err["type"] == "missing":
-            out.append(f"{field} is required")
+        ctx = err.get("ctx") or {}
+        kind = err["type"]
+        if kind == "value_error":
+            message = str(ctx.get("error") or err["msg"]).removeprefix("Value error, ")
+            out.append(f"{field} must be a valid email address" if field == "email" else message)
+        elif kind == "string_too_short":
+            out.append(f"{field} must be a non-empty string" if ctx.get("min_length") == 1
+                       else f"{field} must be at least {ctx.get('min_length')} characters")
+        elif kind in _MESSAGES:
+            expected = str(ctx.get("expected", "")).replace("'", "")
+            out.append(_MESSAGES[kind].format(field=field, expected=expected, **{
+                k: v for k, v in ctx.items() if k != "expected"}))
         else:
-            out.append(f"{field}: {msg[0].lower() + msg[1:]}")
+            out.append(f"{field}: {err['msg'][0].lower()}{err['msg'][1:]}")
     return out
+
+
+def invalid(exc: pydantic.ValidationError) -> Invalid:
+    """One message as a string, several as a list (the NestJS shape)."""
+    messages = error_messages(exc)
+    return Invalid(messages[0] if len(messages) == 1 else messages)
 
 
 @tornado.web.stream_request_body
@@ -100,14 +127,14 @@ class ApiHandler(tornado.web.RequestHandler):
         try:
             return model.model_validate(data)
         except pydantic.ValidationError as exc:
-            raise Invalid(error_messages(exc)) from None
+            raise invalid(exc) from None
 
     def query(self, model: type[M]) -> M:
         args = {k: self.get_query_argument(k) for k in self.request.query_arguments}
         try:
             return model.model_validate(args)
         except pydantic.ValidationError as exc:
-            raise Invalid(error_messages(exc)) from None
+            raise invalid(exc) from None
 
     def authenticate(self) -> Identity:
         try:
