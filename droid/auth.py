@@ -134,6 +134,8 @@ def bearer(value: str | None) -> str | None:
     if not value or not isinstance(value, str):
         return None
     value = value.strip()
+    if value.lower() == "bearer":
+        return None
     if value[:7].lower() == "bearer ":
         value = value[7:].strip()
     return value or None

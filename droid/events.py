@@ -4,14 +4,16 @@ EventsService is what the task service publishes through: it numbers each envelo
 user's `seq`, stores it for resume, and emits it to the owner's room as the specific event and as
 `task.event`. EventsGateway authenticates sockets, keeps them in their user's rooms, answers the
 client events, replays what a reconnecting client missed, and enforces the contract's limits.
+`limit_backlog` bounds what Tornado buffers for a WebSocket client that stopped reading.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as dt
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import parse_qs
 
 import socketio
@@ -24,6 +26,7 @@ NAMESPACE = "/events"
 CONNECTED_MESSAGE = "Successfully connected to real-time events"
 MAX_SOCKETS_PER_USER = 20
 RATE_PER_SECOND = 20
+MAX_BACKLOG = 1000
 REPLAY_BATCH = 500
 
 service_log = logging.getLogger("droid.EventsService")
@@ -55,11 +58,18 @@ class _Held:
     async def __aenter__(self) -> None:
         entry = self.owner._locks.setdefault(self.key, [asyncio.Lock(), 0])
         entry[1] += 1
-        await entry[0].acquire()
+        try:
+            await entry[0].acquire()
+        except BaseException:  # cancelled while waiting: no longer a user of the lock
+            self._leave(entry)
+            raise
 
     async def __aexit__(self, *exc: Any) -> None:
         entry = self.owner._locks[self.key]
         entry[0].release()
+        self._leave(entry)
+
+    def _leave(self, entry: list) -> None:
         entry[1] -= 1
         if entry[1] == 0:
             del self.owner._locks[self.key]
@@ -73,6 +83,8 @@ class EventsService:
         self.store = store
         self.metrics = metrics
         self.user_locks = KeyedLocks()
+        # Called with the room after each emit to it (the gateway sheds lagging sockets there).
+        self.after_emit: Callable[[str], Awaitable[None]] | None = None
         self._watchers: dict[str, set[asyncio.Event]] = {}
 
     def watch(self, user_id: str) -> asyncio.Event:
@@ -112,11 +124,29 @@ class EventsService:
         if self.metrics is not None:
             self.metrics.events_emitted.labels(event=event).inc()
         service_log.debug("emitted %s seq=%s to %s", event, envelope["seq"], room)
+        if self.after_emit is not None:
+            await self.after_emit(room)
 
-    async def history(self, user_id: str, after: int, limit: int) -> tuple[list[dict], int | None]:
-        """Stored envelopes with seq > after (oldest first), and the oldest seq kept."""
-        docs = await self.store.events_after(user_id, after, limit)
-        return [d["envelope"] for d in docs], await self.store.oldest_seq(user_id)
+    async def replay(self, user_id: str, after: int,
+                     send: Callable[[dict], Awaitable[None]]) -> int | None:
+        """Send the stored envelopes with seq > after, oldest first, through `send`.
+
+        Returns None when they were all sent, or the oldest seq still kept when some of them
+        are gone already (the client must then resync over REST). The caller holds the
+        user's lock, so that nothing is published meanwhile.
+        """
+        oldest = await self.store.oldest_seq(user_id)
+        if oldest is None or oldest > after + 1:
+            last = await self.store.last_seq(user_id)
+            if last > after:
+                return oldest if oldest is not None else last + 1
+        while True:
+            docs = await self.store.events_after(user_id, after, REPLAY_BATCH)
+            for doc in docs:
+                await send(doc["envelope"])
+                after = doc["seq"]
+            if len(docs) < REPLAY_BATCH:
+                return None
 
 
 class RateLimiter:
@@ -127,7 +157,7 @@ class RateLimiter:
     def __init__(self) -> None:
         self.tokens = float(RATE_PER_SECOND)
         self.stamp = time.monotonic()
-        self.warned_at = 0.0
+        self.warned_at = -1.0
 
     def allow(self) -> bool:
         now = time.monotonic()
@@ -140,12 +170,14 @@ class RateLimiter:
 
 
 class SocketState:
-    __slots__ = ("user_id", "expires_at", "expiry_timer", "limiter", "subscribed")
+    """What the gateway keeps for one connected socket."""
+
+    __slots__ = ("user_id", "expires_at", "expiry", "limiter", "subscribed")
 
     def __init__(self, user_id: str, expires_at: float) -> None:
         self.user_id = user_id
         self.expires_at = expires_at
-        self.expiry_timer: asyncio.TimerHandle | None = None
+        self.expiry: asyncio.Task | None = None
         self.limiter = RateLimiter()
         self.subscribed = True
 
@@ -182,13 +214,14 @@ class LocalPresence:
 
 
 def _token_from(environ: dict, auth: Any) -> str | None:
-    if isinstance(auth, dict) and auth.get("token") is not None:
-        return bearer(auth["token"]) if isinstance(auth["token"], str) else ""
-    header = bearer(environ.get("HTTP_AUTHORIZATION"))
-    if header:
-        return header
+    """The first token found: auth.token, then the Authorization header, then ?token=."""
     query = parse_qs(environ.get("QUERY_STRING", ""))
-    return bearer((query.get("token") or [None])[0])
+    for value in (auth.get("token") if isinstance(auth, dict) else None,
+                  environ.get("HTTP_AUTHORIZATION"), (query.get("token") or [None])[0]):
+        token = bearer(value) if isinstance(value, str) else None
+        if token:
+            return token
+    return None
 
 
 def _last_seq(value: Any) -> int | None:
@@ -199,6 +232,12 @@ def _last_seq(value: Any) -> int | None:
     except (ValueError, OverflowError):
         return None
     return seq if seq >= 0 else None
+
+
+def _peer(environ: dict) -> str:
+    # python-engineio's Tornado driver puts a fixed REMOTE_ADDR in environ; ask Tornado instead.
+    handler = environ.get("tornado.handler")
+    return getattr(getattr(handler, "request", None), "remote_ip", None) or "?"
 
 
 class EventsGateway:
@@ -212,50 +251,67 @@ class EventsGateway:
         self.presence = presence or LocalPresence()
         self.metrics = metrics
         self.sockets: dict[str, SocketState] = {}
+        self._background: set[asyncio.Task] = set()
         for name, handler in (("connect", self.on_connect), ("disconnect", self.on_disconnect),
                               ("ping", self.on_ping), ("subscribe.tasks", self.on_subscribe),
                               ("unsubscribe.tasks", self.on_unsubscribe),
                               ("auth.refresh", self.on_refresh), ("*", self.on_other)):
             sio.on(name, handler, namespace=NAMESPACE)
         sio.on("connect", self.on_foreign_connect, namespace="*")
+        events.after_emit = self.shed_laggards
+
+    def _spawn(self, coro: Coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
+        return task
 
     # connection ------------------------------------------------------------------------------
 
     async def on_foreign_connect(self, namespace: str, sid: str, environ: dict, auth: Any = None):
-        gateway_log.info("refused connection to namespace %s: Invalid namespace", namespace)
+        gateway_log.info("refused connection from %s to namespace %s: Invalid namespace",
+                         _peer(environ), namespace)
+        self._count_refusal("Invalid namespace")
         raise socketio.exceptions.ConnectionRefusedError("Invalid namespace")
 
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         try:
             identity = self.tokens.verify(_token_from(environ, auth))
         except AuthError as exc:
-            gateway_log.info("refused connection %s: %s", sid, exc.message)
+            gateway_log.info("refused connection %s from %s: %s", sid, _peer(environ),
+                             exc.message)
             self._count_refusal(exc.message)
             raise socketio.exceptions.ConnectionRefusedError(exc.message, {"code": 401}) from None
         user_id = identity.user_id
-        count = await self.presence.add(user_id, sid)
-        if count > MAX_SOCKETS_PER_USER:
+        if await self.presence.add(user_id, sid) > MAX_SOCKETS_PER_USER:
             await self.presence.remove(user_id, sid)
-            gateway_log.info("refused connection %s of user %s: Too many connections", sid, user_id)
+            gateway_log.info("refused connection %s from %s of user %s: Too many connections",
+                             sid, _peer(environ), user_id)
             self._count_refusal("Too many connections")
             raise socketio.exceptions.ConnectionRefusedError("Too many connections", {"code": 429})
         state = SocketState(user_id, identity.expires_at)
         self.sockets[sid] = state
         self._schedule_expiry(sid, state)
-        await self.sio.enter_room(sid, presence_room(user_id), namespace=NAMESPACE)
-        # The CONNECT answer goes out after this handler returns; emit once it has, so that the
-        # client sees `connected` after its own `connect`.
-        asyncio.get_running_loop().create_task(
-            self._welcome(sid, state, count, auth.get("lastSeq") if isinstance(auth, dict) else None))
+        gateway_log.info("client %s connected from %s (user %s)", sid, _peer(environ), user_id)
+        # The CONNECT answer goes out once this handler returns: welcome the client after it,
+        # so that `connected` follows the client's own `connect`.
+        last_seq = _last_seq(auth.get("lastSeq")) if isinstance(auth, dict) else None
+        self._spawn(self._welcome(sid, state, last_seq))
 
-    async def _welcome(self, sid: str, state: SocketState, count: int, last_seq: Any) -> None:
+    async def _welcome(self, sid: str, state: SocketState, last_seq: int | None) -> None:
         try:
-            await self.sio.emit("connected", {"clientId": sid, "userId": state.user_id,
+            user_id = state.user_id
+            if self.sockets.get(sid) is not state:
+                return  # gone already
+            await self.sio.enter_room(sid, presence_room(user_id), namespace=NAMESPACE)
+            if last_seq is None:
+                await self._attach(sid, state, None)  # in the room before `connected`
+            await self.sio.emit("connected", {"clientId": sid, "userId": user_id,
                                               "timestamp": now_iso(), "message": CONNECTED_MESSAGE},
                                 to=sid, namespace=NAMESPACE)
-            await self._attach(sid, state, _last_seq(last_seq))
-            gateway_log.info("client %s connected (user %s, %d open)", sid, state.user_id, count)
-            await self._send_count(state.user_id, count)
+            if last_seq is not None:
+                await self._attach(sid, state, last_seq)
+            await self._send_count(user_id)
         except Exception:
             gateway_log.exception("welcoming %s failed", sid)
 
@@ -263,52 +319,72 @@ class EventsGateway:
         state = self.sockets.pop(sid, None)
         if state is None:
             return
-        if state.expiry_timer is not None:
-            state.expiry_timer.cancel()
+        if state.expiry is not None:
+            state.expiry.cancel()
         count = await self.presence.remove(state.user_id, sid)
         gateway_log.info("client %s disconnected (user %s, %s; %d open)", sid, state.user_id,
                          reason, count)
-        await self._send_count(state.user_id, count)
+        await self._send_count(state.user_id)
 
-    async def _send_count(self, user_id: str, count: int) -> None:
-        await self.sio.emit("connections.count", {"count": count}, room=presence_room(user_id),
-                            namespace=NAMESPACE)
+    async def _send_count(self, user_id: str) -> None:
+        # Counted when sent, not when connected: with two sockets arriving at once, the last
+        # count sent is the right one.
+        await self.sio.emit("connections.count", {"count": await self.presence.count(user_id)},
+                            room=presence_room(user_id), namespace=NAMESPACE)
 
     async def _attach(self, sid: str, state: SocketState, last_seq: int | None) -> None:
         """Join the user's task room, first replaying what the client missed after last_seq."""
         user_id = state.user_id
-        if last_seq is None:
-            await self.sio.enter_room(sid, task_room(user_id), namespace=NAMESPACE)
-            return
+
+        async def send(envelope: dict) -> None:
+            await self.sio.emit(envelope["event"], envelope, to=sid, namespace=NAMESPACE)
+            await self.sio.emit("task.event", envelope, to=sid, namespace=NAMESPACE)
+
         async with self.events.user_locks(user_id):
-            after = last_seq
-            while True:
-                envelopes, oldest = await self.events.history(user_id, after, REPLAY_BATCH)
-                if after == last_seq and oldest is not None and oldest > last_seq + 1:
+            if last_seq is not None:
+                oldest = await self.events.replay(user_id, last_seq, send)
+                if oldest is not None:
+                    gateway_log.info("client %s: seq %d is no longer kept; resync from %d", sid,
+                                     last_seq, oldest)
                     await self.sio.emit("resync", {"oldestSeq": oldest}, to=sid,
                                         namespace=NAMESPACE)
-                    break
-                for envelope in envelopes:
-                    await self.sio.emit(envelope["event"], envelope, to=sid, namespace=NAMESPACE)
-                    await self.sio.emit("task.event", envelope, to=sid, namespace=NAMESPACE)
-                    after = envelope["seq"]
-                if len(envelopes) < REPLAY_BATCH:
-                    break
-            await self.sio.enter_room(sid, task_room(user_id), namespace=NAMESPACE)
+            # Checked under the lock: the client may have unsubscribed, or gone, meanwhile.
+            if state.subscribed and self.sockets.get(sid) is state:
+                await self.sio.enter_room(sid, task_room(user_id), namespace=NAMESPACE)
+
+    # slow clients ----------------------------------------------------------------------------
+
+    async def shed_laggards(self, room: str) -> None:
+        """Disconnect the sockets of a room with more than MAX_BACKLOG messages queued.
+
+        This sees what python-engineio queues (the long-polling transport, and a WebSocket
+        whose writer is stuck); `limit_backlog` covers what Tornado buffers after that.
+        """
+        for sid, eio_sid in list(self.sio.manager.get_participants(NAMESPACE, room)):
+            eio_socket = self.sio.eio.sockets.get(eio_sid)
+            if eio_socket is None or eio_socket.closed:
+                continue
+            backlog = eio_socket.queue.qsize()
+            if backlog > MAX_BACKLOG:
+                gateway_log.warning("client %s is %d messages behind: disconnecting", sid,
+                                    backlog)
+                await self.sio.disconnect(sid, namespace=NAMESPACE)
+                # Closing without waiting: its queue would never drain. Nothing more is queued
+                # for it, and the queue goes with the socket.
+                await eio_socket.close(wait=False, abort=True)
 
     # token expiry ----------------------------------------------------------------------------
 
     def _schedule_expiry(self, sid: str, state: SocketState) -> None:
-        if state.expiry_timer is not None:
-            state.expiry_timer.cancel()
-        delay = max(0.0, state.expires_at - time.time())
-        loop = asyncio.get_running_loop()
-        state.expiry_timer = loop.call_later(
-            delay, lambda: loop.create_task(self._expire(sid, state)))
+        if state.expiry is not None:
+            state.expiry.cancel()
+        state.expiry = self._spawn(self._expire(sid, state, state.expires_at - time.time()))
 
-    async def _expire(self, sid: str, state: SocketState) -> None:
+    async def _expire(self, sid: str, state: SocketState, delay: float) -> None:
+        await asyncio.sleep(max(0.0, delay))
         if self.sockets.get(sid) is not state:
             return
+        state.expiry = None  # done: the disconnect below must not cancel this very task
         gateway_log.info("client %s: token expired, disconnecting", sid)
         await self.sio.emit("auth.expired", {"timestamp": now_iso(), "message": "Token expired"},
                             to=sid, namespace=NAMESPACE)
@@ -323,7 +399,7 @@ class EventsGateway:
         if state.limiter.allow():
             return state
         now = time.monotonic()
-        if now - state.limiter.warned_at >= 1.0:
+        if now - state.limiter.warned_at >= 1.0:  # one answer a second, not one per event
             state.limiter.warned_at = now
             gateway_log.info("client %s: rate limit exceeded", sid)
             await self.sio.emit("error", {"message": "Rate limit exceeded"}, to=sid,
@@ -372,12 +448,15 @@ class EventsGateway:
         try:
             identity = self.tokens.verify(bearer(token) if isinstance(token, str) else None)
         except AuthError as exc:
+            gateway_log.info("client %s: token refresh refused: %s", sid, exc.message)
             return {"ok": False, "message": exc.message}
         if identity.user_id != state.user_id:
+            gateway_log.info("client %s: token refresh refused: another user's token", sid)
             return {"ok": False, "message": "Token belongs to another user"}
         state.expires_at = identity.expires_at
         self._schedule_expiry(sid, state)
-        return {"ok": True, "expiresAt": iso_from_epoch(identity.expires_at)}
+        return {"ok": True, "expiresAt": iso(dt.datetime.fromtimestamp(identity.expires_at,
+                                                                       dt.timezone.utc))}
 
     async def on_other(self, event: str, sid: str, *args: Any) -> None:
         await self._admit(sid)  # unknown events count toward the rate limit, and do nothing
@@ -390,7 +469,34 @@ class EventsGateway:
         return len(self.sockets)
 
 
-def iso_from_epoch(seconds: float) -> str:
-    import datetime as dt
+def limit_backlog(handler_class: type) -> type:
+    """A subclass of python-engineio's Tornado handler that drops a WebSocket client which
+    falls more than MAX_BACKLOG messages behind.
 
-    return iso(dt.datetime.fromtimestamp(seconds, dt.timezone.utc))  # type: ignore[return-value]
+    python-engineio hands each message to Tornado without waiting for it to be written, so
+    what a stalled WebSocket client does not read piles up in Tornado's write buffer, with no
+    bound. Here every message not yet written to the network is counted; past the limit the
+    connection is closed, and the client can come back and resume with `lastSeq`.
+    """
+
+    class Handler(handler_class):  # type: ignore[misc, valid-type]
+        unwritten = 0
+
+        def write_message(self, message: Any, binary: bool = False) -> Any:
+            written = super().write_message(message, binary)
+            self.unwritten += 1
+            written.add_done_callback(self._written)
+            if self.unwritten > MAX_BACKLOG and self.ws_connection is not None:
+                gateway_log.warning("WebSocket client %s is %d messages behind: disconnecting",
+                                    self.request.remote_ip, self.unwritten)
+                # No close handshake: the client is not reading. Closing the stream fails the
+                # pending writes and ends the Engine.IO and Socket.IO sessions at once.
+                self.ws_connection.stream.close()
+            return written
+
+        def _written(self, future: asyncio.Future) -> None:
+            self.unwritten -= 1
+            if not future.cancelled():
+                future.exception()  # a write failed because the connection closed: expected
+
+    return Handler

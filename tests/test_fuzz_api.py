@@ -64,7 +64,7 @@ def _tokens(**env) -> Tokens:
     return Tokens(make_config(**env))
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=300, suppress_health_check=list(HealthCheck), deadline=None)
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=300).map(lambda b: b.decode("latin-1")),
                  st.lists(st.text(alphabet="abcXYZ-_=.0123", max_size=60), min_size=3,
                           max_size=3).map(".".join)))
@@ -75,7 +75,7 @@ def test_arbitrary_strings_are_refused_cleanly(value):
     assert info.value.message in ("Authentication required", "Invalid token", "Token expired")
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, suppress_health_check=list(HealthCheck), deadline=None)
 @given(claims=st.dictionaries(st.sampled_from(["sub", "exp", "iat", "nbf", "iss", "aud", "x"]),
                               st.one_of(st.none(), st.integers(-2**40, 2**40), st.text(max_size=20),
                                         st.booleans(), st.lists(st.integers(), max_size=2),

@@ -1,0 +1,260 @@
+"""The limits of /events: packet size, sockets per user, client event rate, clients that fall
+behind, token expiry and refresh; and what the gateway logs."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+
+import pytest
+import socketio
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from conftest import ISO_RE, Listener, wait_until
+from droid.events import MAX_BACKLOG, MAX_SOCKETS_PER_USER
+from test_events import mint
+
+pytestmark = pytest.mark.asyncio
+
+
+def sid_of(listener) -> str:
+    return listener.client.get_sid("/events")
+
+
+# packet size ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transports", [["websocket"], ["polling"]])
+async def test_a_client_packet_over_64_kib_closes_that_connection(droid, listen, transports):
+    user = str(uuid.uuid4())
+    tab = await listen(droid.url, mint(user), transports=transports)
+    other = await listen(droid.url, mint(user), transports=transports)
+    await tab.next("connected")
+    # Just under the limit is fine (the packet adds a few bytes of framing).
+    assert await tab.client.call("ping", {"message": "x" * 60_000}, namespace="/events",
+                                 timeout=5)
+    await tab.client.emit("ping", {"message": "x" * 66_000}, namespace="/events")
+    await wait_until(lambda: _async(not tab.client.connected), timeout=10)
+    await wait_until(lambda: _async(list(droid.gateway.sockets) == [sid_of(other)]))
+    assert await other.client.call("ping", namespace="/events", timeout=5)
+
+
+async def _async(value):
+    return value
+
+
+# sockets per user -----------------------------------------------------------------------------
+
+async def test_at_most_20_sockets_per_user(droid, listen):
+    user = str(uuid.uuid4())
+    tabs = [await listen(droid.url, mint(user)) for _ in range(MAX_SOCKETS_PER_USER)]
+    extra = Listener()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await extra.connect(droid.url, mint(user))
+    assert extra.connect_error == {"message": "Too many connections", "data": {"code": 429}}
+    assert len(droid.gateway.sockets) == MAX_SOCKETS_PER_USER
+    # Another user is not affected, and a closed tab frees its place.
+    assert (await listen(droid.url, mint(str(uuid.uuid4())))).client.connected
+    await tabs[0].close()
+    await wait_until(lambda: _async(len(droid.gateway.sockets) == MAX_SOCKETS_PER_USER))
+    again = await listen(droid.url, mint(user))
+    assert (await again.next("connections.count")) == {"count": MAX_SOCKETS_PER_USER}
+
+
+# rate ----------------------------------------------------------------------------------------
+
+async def test_client_events_above_20_a_second_are_dropped_with_an_error(droid, listen):
+    user = str(uuid.uuid4())
+    tab = await listen(droid.url, mint(user))
+    neighbour = await listen(droid.url, mint(user))
+    await tab.next("connected")
+    for i in range(60):
+        await tab.client.emit("ping", {"message": str(i)}, namespace="/events")
+    assert await tab.next("error") == {"message": "Rate limit exceeded"}
+
+    async def answered() -> bool:  # the bucket refills: a ping gets through again
+        return bool(await tab.client.call("ping", {"message": "later"}, namespace="/events",
+                                          timeout=5))
+    await wait_until(answered, timeout=5)
+    burst = [p for p in tab.of("pong") if p["message"] != "later"]
+    assert 20 <= len(burst) <= 30, len(burst)
+    assert len(tab.of("error")) == 1  # one answer a second, not one per dropped event
+    # The limit is per socket.
+    assert await neighbour.client.call("ping", namespace="/events", timeout=5)
+
+
+# clients that fall behind ---------------------------------------------------------------------
+
+class StalledWebSocket:
+    """A raw WebSocket client that completes the Socket.IO handshake, then stops reading (with a
+    small receive buffer, so that the server soon has to hold what it sends)."""
+
+    async def open(self, url: str, token: str) -> "StalledWebSocket":
+        host, port = url.split("//")[1].split(":")
+        raw = socket.create_connection((host, int(port)))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.reader, self.writer = await asyncio.open_connection(sock=raw)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.writer.write((
+            "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {key}\r\n\r\n").encode())
+        assert (await self.reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        self.send('40/events,{"token":"%s"}' % token)
+        return self
+
+    def send(self, text: str) -> None:
+        """One masked text frame (RFC 6455 section 5.2), as a client must send."""
+        data, mask = text.encode(), os.urandom(4)
+        size = len(data)
+        header = bytes([0x81, 0x80 | size]) if size < 126 else \
+            bytes([0x81, 0xFE]) + size.to_bytes(2, "big")
+        self.writer.write(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_a_stalled_websocket_client_is_disconnected_not_buffered(droid, listen, caplog):
+    user = str(uuid.uuid4())
+    healthy = await listen(droid.url, mint(user))
+    await healthy.next("connected")
+    stalled = await StalledWebSocket().open(droid.url, mint(user))
+    await healthy.next("connections.count", where=lambda d: d["count"] == 2)
+    big = "x" * 16_000
+    published = 0
+    while len(droid.gateway.sockets) == 2:
+        await droid.gateway.events.publish(user, "task.created", {"taskId": "t", "pad": big})
+        published += 1
+        assert published < 2000, "the stalled client was never disconnected"
+    assert list(droid.gateway.sockets) == [sid_of(healthy)]
+    assert any("behind" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records if r.name.startswith("droid."))
+    await healthy.wait_for(lambda: len(healthy.of("task.event")) == published, timeout=20)
+    await healthy.next("connections.count", where=lambda d: d["count"] == 1)
+    # The Engine.IO session is over too: nothing more is held for it.
+    assert [s for s in droid.sio.eio.sockets.values() if not s.closed] == [
+        droid.sio.eio.sockets[healthy.client.eio.sid]]
+    stalled.close()
+
+
+async def test_a_stalled_polling_client_is_disconnected_not_buffered(droid, listen):
+    user = str(uuid.uuid4())
+    healthy = await listen(droid.url, mint(user))
+    await healthy.next("connected")
+    http = AsyncHTTPClient(force_instance=True)
+    base = droid.url + "/socket.io/?EIO=4&transport=polling"
+
+    async def request(url: str, body: str | None = None):
+        return await http.fetch(HTTPRequest(url, method="POST" if body else "GET", body=body,
+                                            request_timeout=10), raise_error=False)
+    opened = (await request(base)).body.decode()
+    sid = re.search(r'"sid":"([^"]+)"', opened).group(1)
+    assert (await request(f"{base}&sid={sid}", '40/events,{"token":"%s"}' % mint(user))).code == 200
+    assert "40/events" in (await request(f"{base}&sid={sid}")).body.decode()
+    await healthy.next("connections.count", where=lambda d: d["count"] == 2)
+    # It never polls again: everything for it waits in python-engineio's queue.
+    for n in range(MAX_BACKLOG // 2 + 10):
+        await droid.gateway.events.publish(user, "task.created", {"taskId": "t", "n": n})
+    assert len(droid.gateway.sockets) == 1
+    assert sid not in droid.sio.eio.sockets or droid.sio.eio.sockets[sid].closed
+    assert (await request(f"{base}&sid={sid}")).code == 400
+    await healthy.next("connections.count", where=lambda d: d["count"] == 1)
+    http.close()
+
+
+async def test_a_disconnected_laggard_comes_back_with_last_seq(droid, listen):
+    user = str(uuid.uuid4())
+    stalled = await StalledWebSocket().open(droid.url, mint(user))
+    await wait_until(lambda: _async(len(droid.gateway.sockets) == 1))
+    for _ in range(2000):
+        if not droid.gateway.sockets:
+            break
+        await droid.gateway.events.publish(user, "task.created", {"pad": "x" * 16_000})
+    assert not droid.gateway.sockets, "the stalled client was never disconnected"
+    stalled.close()
+    last = await droid.store.last_seq(user)
+    back = await listen(droid.url, auth={"token": mint(user), "lastSeq": last - 100})
+    await back.wait_for(lambda: [e["seq"] for e in back.of("task.event")] ==
+                        list(range(last - 99, last + 1)))
+
+
+# token expiry --------------------------------------------------------------------------------
+
+async def test_an_expiring_token_ends_its_socket_and_a_refresh_postpones_it(droid, listen):
+    user = str(uuid.uuid4())
+    expires = int(time.time()) + 2
+    token = mint(user, exp=expires)
+    plain = await listen(droid.url, token)
+    refreshed = await listen(droid.url, token)
+    later = expires + 2
+    reply = await refreshed.client.call("auth.refresh", {"token": mint(user, exp=later)},
+                                        namespace="/events", timeout=5)
+    assert reply["ok"] is True and re.match(ISO_RE, reply["expiresAt"])
+    assert reply["expiresAt"].startswith(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(later)))
+
+    expired = await plain.next("auth.expired", timeout=5)
+    assert time.time() >= expires - 0.05
+    assert set(expired) == {"timestamp", "message"} and re.match(ISO_RE, expired["timestamp"])
+    await wait_until(lambda: _async(not plain.client.connected))
+    assert list(droid.gateway.sockets) == [sid_of(refreshed)]
+    assert refreshed.of("auth.expired") == []
+
+    await refreshed.next("auth.expired", timeout=5)
+    assert time.time() >= later - 0.05
+    await wait_until(lambda: _async(not refreshed.client.connected))
+    assert not droid.gateway.sockets
+
+
+@pytest.mark.parametrize("token, message", [
+    ("garbage", "Invalid token"),
+    ("expired", "Token expired"),
+    (None, "Authentication required"),
+    ("someone else", "Token belongs to another user"),
+])
+async def test_a_refused_refresh_says_why_and_changes_nothing(droid, listen, token, message):
+    user = str(uuid.uuid4())
+    tab = await listen(droid.url, mint(user))
+    if token == "expired":
+        token = mint(user, -60)
+    elif token == "someone else":
+        token = mint(str(uuid.uuid4()))
+    reply = await tab.client.call("auth.refresh", {"token": token}, namespace="/events", timeout=5)
+    assert reply == {"ok": False, "message": message}
+    assert tab.client.connected
+
+
+# logs -----------------------------------------------------------------------------------------
+
+async def test_refusals_are_logged_with_the_reason_and_never_the_token(droid, listen, caplog):
+    caplog.set_level(logging.DEBUG, logger="droid")
+    user = str(uuid.uuid4())
+    bad, expired, good = "eyJ-not-a-real-token-" + uuid.uuid4().hex, mint(user, -60), mint(user)
+    for auth in ({"token": bad}, {"token": expired}, None):
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await Listener().connect(droid.url, auth=auth)
+    other = socketio.AsyncClient(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await other.connect(droid.url, namespaces=["/other"], auth={"token": good},
+                            transports=["websocket"], wait_timeout=5)
+    tab = await listen(droid.url, good)
+    await droid.gateway.events.publish(user, "task.created", {"taskId": "t"})
+    await tab.next("task.event")
+    await tab.close()
+    await wait_until(lambda: _async(not droid.gateway.sockets))
+
+    gateway = [r.getMessage() for r in caplog.records if r.name == "droid.EventsGateway"]
+    for reason in ("Invalid token", "Token expired", "Authentication required",
+                   "Invalid namespace"):
+        assert any("refused" in line and reason in line for line in gateway), reason
+    assert any("connected" in line and user in line for line in gateway)
+    assert any("disconnected" in line and user in line for line in gateway)
+    service = [r for r in caplog.records if r.name == "droid.EventsService"]
+    assert any("task.created" in r.getMessage() and r.levelno == logging.DEBUG for r in service)
+    for record in caplog.records:
+        text = record.getMessage()
+        assert bad not in text and expired not in text and good not in text, record.name
