@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 from typing import Any
 
@@ -11,12 +12,13 @@ import socketio
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+from tornado.log import access_log
 
 from . import __version__
 from .agents import AgentService
 from .auth import Passwords, Tokens
 from .config import Config
-from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence
+from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence, limit_backlog
 from .handlers.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler,
                            RegisterHandler, TaskHandler, TasksHandler)
 from .handlers.base import NotFoundHandler
@@ -32,6 +34,18 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 
+_TOKEN_PARAM = re.compile(r"([?&]token=)[^&]*")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log line, with `?token=` redacted (it carries a bearer token)."""
+    status = handler.get_status()
+    write = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+    write("%d %s %s (%s) %.2fms", status, handler.request.method,
+          _TOKEN_PARAM.sub(r"\1[redacted]", handler.request.uri or ""), handler.request.remote_ip,
+          1000 * handler.request.request_time())
+
+
 STATIC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 MAX_PACKET = 64 * 1024
 
@@ -39,11 +53,21 @@ MAX_PACKET = 64 * 1024
 def socketio_handler(sio: socketio.AsyncServer, compression: bool) -> type:
     """python-engineio's Tornado handler, with per-message deflate made optional (off by default:
     it costs memory and CPU per socket, and OWASP advises against it)."""
-    base = socketio.get_tornado_handler(sio)
+    base = limit_backlog(socketio.get_tornado_handler(sio))
 
     class Handler(base):  # type: ignore[misc, valid-type]
+        live: set = set()  # open WebSocket connections of this app, closed at shutdown
+
         def get_compression_options(self) -> dict | None:
             return {} if compression else None
+
+        async def open(self, *args: Any, **kwargs: Any) -> None:
+            Handler.live.add(self)
+            await super().open(*args, **kwargs)
+
+        def on_close(self) -> None:
+            Handler.live.discard(self)
+            super().on_close()
 
     return Handler
 
@@ -65,6 +89,7 @@ class Droid:
         self.redis = redis
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
+        self._stopped = False
 
     @property
     def url(self) -> str:
@@ -78,19 +103,30 @@ class Droid:
                                                     max_body_size=2 * 1024 * 1024)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
+        if self.redis is not None:
+            await self.sio.manager.start()
         await self.presence.start()
         await self.worker.start()
 
     async def stop(self) -> None:
         """Stop in reverse order of start: listening, the worker, sockets, storage."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self.server is not None:
             self.server.stop()
         await self.worker.stop()
+        # python-socketio's shutdown stops its background tasks but leaves upgraded WebSocket
+        # connections open; close them so that clients reconnect (to another process).
+        for handler in list(self.application.settings["ws_handler"].live):
+            handler.close(1001, "server shutting down")
         try:
             await asyncio.wait_for(self.sio.shutdown(), 5)
         except Exception:
             log.warning("closing Socket.IO connections did not finish cleanly", exc_info=True)
         await self.presence.stop()
+        if self.redis is not None:
+            await self.sio.manager.close()
         if self.server is not None:
             await self.server.close_all_connections()
         if self.redis is not None:
@@ -112,17 +148,19 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     redis = None
     manager = None
     if config.redis_url:
-        from .cluster import make_manager, make_redis
-        redis = make_redis(config.redis_url)
-        manager = make_manager(config)
+        from .cluster import make_manager, make_redis, redis_tls_verify
+        redis = make_redis(config.redis_url, tls_verify=redis_tls_verify(config))
+        manager = make_manager(config, redis)
     sio = socketio.AsyncServer(
         async_mode="tornado", client_manager=manager, namespaces="*",
         cors_allowed_origins="*" if config.cors_any else list(config.cors_origins),
         max_http_buffer_size=MAX_PACKET, json=OrjsonModule, ping_interval=25, ping_timeout=20,
         logger=False, engineio_logger=False)
     if redis is not None:
-        from .cluster import RedisPresence
-        presence: Any = RedisPresence(redis, config.instance_id)
+        from .cluster import RedisPresence, presence_ttl_s
+        presence: Any = RedisPresence(redis, config.instance_id, sio=sio,
+                                      ttl_s=presence_ttl_s(config))
+        manager.presence = presence  # connections.count is re-read where it is delivered
     else:
         presence = LocalPresence()
     tokens = Tokens(config)
@@ -142,9 +180,10 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         config=config, store=store, tokens=tokens, passwords=Passwords(), task_service=tasks,
         agent_service=agents, events_service=events, gateway=gateway, metrics=metrics,
         version=__version__, openapi=build_openapi(__version__), static_path=STATIC_PATH,
-        default_handler_class=NotFoundHandler, websocket_max_message_size=MAX_PACKET,
+        default_handler_class=NotFoundHandler, log_function=log_request, websocket_max_message_size=MAX_PACKET,
         redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
     )
+    ws_handler = socketio_handler(sio, config.ws_compression)
     routes = [
         (r"/auth/register", RegisterHandler),
         (r"/auth/login", LoginHandler),
@@ -158,10 +197,10 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         (r"/metrics", MetricsHandler),
         (r"/health", HealthHandler),
         (r"/openapi.json", OpenApiHandler),
-        (r"/socket.io/", socketio_handler(sio, config.ws_compression)),
+        (r"/socket.io/", ws_handler),
         (r"/", IndexHandler),
     ]
-    application = tornado.web.Application(routes, **settings)
+    application = tornado.web.Application(routes, ws_handler=ws_handler, **settings)
     return Droid(config, store=store, sio=sio, application=application, worker=worker,
                  gateway=gateway, tasks=tasks, presence=presence, redis=redis)
 
