@@ -10,7 +10,7 @@ import base64
 import binascii
 import datetime as dt
 import logging
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Callable, Protocol
 
 from .errors import Conflict, Invalid, NotFound
 from .store import ACTIVE, PRIORITY_RANK, Store
@@ -113,7 +113,7 @@ class TaskService:
         self._requeue_listeners.append(listener)
 
     def retry_delay(self, retry_count: int) -> float:
-        """Backoff before the retry that follows `retry_count` earlier retries: doubling, <= 60 s."""
+        """Backoff before the retry after `retry_count` earlier retries: doubling, at most 60 s."""
         return min(self.retry_backoff_s * (2 ** retry_count), 60.0)
 
     # reads -----------------------------------------------------------------------------------

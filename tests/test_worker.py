@@ -331,6 +331,70 @@ async def test_zero_retries_fails_on_the_first_error(droid_factory, session, fak
     assert failed["retryCount"] == 0 and len(fake.requests) == 1
 
 
+async def test_slow_event_publishing_loses_no_end_of_attempt(droid_factory, session, fake):
+    # While an attempt publishes its own end, its guard sees the task move on: it must not take
+    # that for a cancel and interrupt the publishing.
+    app = await droid_factory(**llm(fake))
+    s = await session(app)
+    real = app.tasks.publisher
+
+    class SlowPublisher:
+        async def publish(self, user_id: str, event: str, data: dict, *,
+                          durable: bool = True) -> None:
+            if event in ("task.pending", "task.completed"):
+                await asyncio.sleep(0.3)  # a slow event store: a whole lease period
+            await real.publish(user_id, event, data, durable=durable)
+
+    app.tasks.publisher = SlowPublisher()
+    fake.script("error500")
+    task = await s.create()
+    await s.wait("task.completed", task["id"])
+    assert s.story(task["id"]) == ["task.created", "task.processing", "task.pending",
+                                   "task.processing", "task.completed"]
+    assert not app.worker.running
+
+
+async def test_a_failing_progress_publish_does_not_fail_the_attempt(droid_factory, session, fake,
+                                                                   caplog):
+    app = await droid_factory(**llm(fake))
+    s = await session(app)
+    real = app.tasks.publisher
+
+    class FlakyPublisher:
+        async def publish(self, user_id: str, event: str, data: dict, *,
+                          durable: bool = True) -> None:
+            if event == "task.progress":
+                raise ConnectionError("event bus down")
+            await real.publish(user_id, event, data, durable=durable)
+
+    app.tasks.publisher = FlakyPublisher()
+    task = await s.create()
+    done = await s.wait("task.completed", task["id"])
+    assert done["response"] == DEFAULT_ANSWER and not s.data("task.progress", task["id"])
+    assert any("publishing task.progress" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unexpected_provider_error_fails_the_attempt_and_is_logged(droid_factory,
+                                                                           session, caplog):
+    class BrokenProvider:
+        name = "broken"
+
+        async def run(self, **_: Any) -> Any:
+            raise ZeroDivisionError("a bug")
+
+        async def close(self) -> None:
+            pass
+
+    app = await droid_factory(BrokenProvider(), TASK_MAX_RETRIES=1)
+    s = await session(app)
+    task = await s.create()
+    failed = await s.wait("task.failed", task["id"])
+    assert failed["error"] == "Internal error while running the task"  # never str(exc)
+    assert failed["retryCount"] == 1
+    crashes = [r for r in caplog.records if r.getMessage().endswith("attempt crashed")]
+    assert len(crashes) == 2 and crashes[0].exc_info[0] is ZeroDivisionError
+
+
 # claiming --------------------------------------------------------------------------------------
 
 async def test_tasks_are_claimed_by_priority_then_age(droid_factory, session, fake):
@@ -377,7 +441,9 @@ async def test_created_and_retried_tasks_start_without_waiting_for_a_poll(droid_
 async def test_two_instances_never_run_the_same_attempt_twice(droid_factory, session, fake):
     fake.answer_for = lambda body: f"echo: {body['messages'][-1]['content']}"
     fake.chunk_delay_s = 0.002
-    env = llm(fake, WORKER_CONCURRENCY=4)
+    # A longer lease here: 8 attempts streaming at once keep the test's one event loop busy,
+    # and this test is about claiming (leases have their own tests).
+    env = llm(fake, WORKER_CONCURRENCY=4, DROID_LEASE_S=1)
     a, b = await droid_factory(**env), await droid_factory(**env)
     sa = await session(a)
     sb = await session(b, sa.user)
@@ -518,15 +584,16 @@ async def test_lost_attempt_with_no_retries_left_fails(droid_factory, session, f
 
 
 async def test_a_long_attempt_keeps_its_lease(droid_factory, session, fake):
-    # The answer takes several lease periods; a second worker must not take it over.
+    # The answer takes four lease periods; the other worker must not take it over. (Both are
+    # started first: starting an instance blocks the test's event loop for a while, which a
+    # real process running beside another would not.)
     fake.script(Step("stream", answer=" ".join(["slow"] * 12), chunk_delay_s=0.1))
     a = await droid_factory(**llm(fake, WORKER_CONCURRENCY=1))
+    await droid_factory(**llm(fake, WORKER_CONCURRENCY=1))
     sa = await session(a)
     task = await sa.create("long one")
-    await sa.wait("task.processing", task["id"])
-    await droid_factory(**llm(fake, WORKER_CONCURRENCY=1))  # a second worker, watching
-    done = await sa.wait("task.completed", task["id"])
-    assert done["response"] == " ".join(["slow"] * 12)
+    await wait_until(lambda: _done(sa, task["id"]), timeout=10)  # whichever worker runs it
+    assert (await sa.task(task["id"]))["response"] == " ".join(["slow"] * 12)
     assert len(fake.requests) == 1
     assert await sa.stored_story(task["id"]) == [
         "task.created", "task.processing", "task.completed"]
