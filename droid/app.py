@@ -175,7 +175,8 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
                                  demo_delay_s=config.demo_delay_s)
     worker = Worker(tasks, agents, provider, concurrency=config.worker_concurrency,
                     timeout_s=config.task_timeout_s, lease_s=config.lease_s,
-                    owner=config.instance_id, metrics=metrics)
+                    owner=config.instance_id, metrics=metrics,
+                    shutdown_grace_s=config.shutdown_grace_s)
     settings: dict[str, Any] = dict(
         config=config, store=store, tokens=tokens, passwords=Passwords(), task_service=tasks,
         agent_service=agents, events_service=events, gateway=gateway, metrics=metrics,

@@ -42,6 +42,7 @@ class Config:
     demo_delay_s: float = 1.5
     llm_timeout_s: float = 60.0
     ws_compression: bool = False
+    shutdown_grace_s: float = 5.0
     event_retention_s: int = 48 * 3600
     instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
 
@@ -184,5 +185,6 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         demo_delay_s=_float(env, "DROID_DEMO_DELAY_S", 1.5),
         llm_timeout_s=_float(env, "LLM_TIMEOUT_S", 60.0, 0.001),
         ws_compression=_bool(env, "DROID_WS_COMPRESSION", False),
+        shutdown_grace_s=_float(env, "DROID_SHUTDOWN_GRACE_S", 5.0),
         event_retention_s=_int(env, "DROID_EVENT_RETENTION_S", 48 * 3600, 86400),
     )
