@@ -11,7 +11,10 @@ fan-out and keys that expire for the connection counts.
   event), publishing is retried at most once a second, and the listener re-subscribes by itself
   (backoff 0.1 s doubling to 5 s), logging once when it loses Redis and once when it is back.
   Events published while Redis is away do not reach the other processes' sockets; their clients
-  can catch up with `GET /events?after=` or `subscribe.tasks {lastSeq}`.
+  can catch up with `GET /events?after=` or `subscribe.tasks {lastSeq}`. A `connections.count`
+  emit is not fanned out as a value but as "this user's count changed": each process re-reads the
+  count when the notice arrives, so that sockets never keep a count computed before the last
+  change (see RedisManager).
 - `RedisPresence` counts each user's sockets over all processes. Each process keeps a hash
   `droid:presence:{instance}` (user -> its local socket count) and a deadline in the sorted set
   `droid:instances`, both rewritten from its own in-memory truth every `ttl_s / 3` seconds. Counts
@@ -174,11 +177,16 @@ class RedisManager(socketio.AsyncRedisManager):
     async def close(self) -> None:
         """Stop listening and publishing (emits then reach this process's sockets only)."""
         self._closed = True
+        self._recount_wakeup.set()
         tasks = [t for t in (getattr(self, "thread", None), self._recounter) if t is not None]
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks)
+            # The loops also watch _closed: on Python 3.11 a cancellation can be lost inside
+            # redis-py (see _stopped_or_cancelled), and they must end all the same.
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            if pending:
+                log.warning("Redis listener did not stop in time")
         if self._listener is not None:
             await self._listener.aclose()  # type: ignore[attr-defined]
         if self._owns_redis:
@@ -231,7 +239,8 @@ class RedisManager(socketio.AsyncRedisManager):
     async def _messages(self) -> AsyncIterator[bytes]:
         """Every message on the channel, subscribing again (with backoff) whenever Redis drops."""
         delay = RECONNECT_MIN_S
-        while not self._closed:
+        while True:
+            _stopped_or_cancelled(self._closed)
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.channel, self.counts_channel)
@@ -256,6 +265,7 @@ class RedisManager(socketio.AsyncRedisManager):
         confirmed = 0
         while True:
             message = await pubsub.get_message(timeout=POLL_S)
+            _stopped_or_cancelled(self._closed)
             now = loop.time()
             if message is None:
                 silent = now - heard
@@ -292,9 +302,11 @@ class RedisManager(socketio.AsyncRedisManager):
         return next(iter(self.get_participants(NAMESPACE, room)), None) is not None
 
     async def _recount_loop(self) -> None:
-        while True:
+        while not self._closed:
             await self._recount_wakeup.wait()
             self._recount_wakeup.clear()
+            if self._closed:
+                return
             users = [u for u in self._recount if self._has_local(_COUNT_ROOM + u)]
             self._recount.clear()
             if not users:
@@ -305,6 +317,19 @@ class RedisManager(socketio.AsyncRedisManager):
                                     room=_COUNT_ROOM + user_id, ignore_queue=True)
             except Exception:
                 log.exception("sending connection counts failed")
+
+
+def _stopped_or_cancelled(stopped: bool) -> None:
+    """Raise CancelledError when the loop calling this has been told to stop.
+
+    On Python 3.11, asyncio.wait_for returns its result and drops a cancellation that arrives
+    just as the awaited operation completes (CPython gh-86296, fixed in 3.12); redis-py awaits
+    every command write through wait_for. So a cancelled task can come back from a Redis call as
+    if nothing happened, and a loop that only relies on cancellation may run forever: ours also
+    check a flag set before they are cancelled, and hand the lost cancellation back.
+    """
+    if stopped:
+        raise asyncio.CancelledError
 
 
 # Presence --------------------------------------------------------------------------------------
@@ -469,7 +494,7 @@ class RedisPresence:
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.wait([self._task])
+            await asyncio.wait([self._task], timeout=self.interval_s + 5)
             self._task = None
         users = list(self._sockets)
         try:
@@ -530,9 +555,11 @@ class RedisPresence:
                                                          args=[self._prefix, *users])]
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(min(self.interval_s, 1.0) if self._outage.down
                                 else self.interval_s)
+            if self._stopped:
+                return  # stop() cancelled us, and the cancellation was lost in redis-py
             try:
                 await self._beat()
             except Exception:
