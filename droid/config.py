@@ -43,6 +43,8 @@ class Config:
     llm_timeout_s: float = 60.0
     ws_compression: bool = False
     shutdown_grace_s: float = 5.0
+    presence_ttl_s: float = 15.0
+    redis_tls_verify: bool = True
     event_retention_s: int = 48 * 3600
     instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
 
@@ -186,5 +188,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         llm_timeout_s=_float(env, "LLM_TIMEOUT_S", 60.0, 0.001),
         ws_compression=_bool(env, "DROID_WS_COMPRESSION", False),
         shutdown_grace_s=_float(env, "DROID_SHUTDOWN_GRACE_S", 5.0),
+        presence_ttl_s=_float(env, "DROID_PRESENCE_TTL_S", 15.0, 0.5),
+        redis_tls_verify=_bool(env, "REDIS_TLS_VERIFY", True),
         event_retention_s=_int(env, "DROID_EVENT_RETENTION_S", 48 * 3600, 86400),
     )

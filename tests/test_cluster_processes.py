@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient
 import droid
 from conftest import TEST_SECRET, Api
 from redis_server import RedisServer, die_with_parent, free_port, redis_server  # noqa: F401
-from test_cluster import counts, finished, settle_count
+from test_cluster import counts, finished, require_ttl_setting, settle_count
 
 pytestmark = pytest.mark.asyncio
 
@@ -85,10 +85,9 @@ class DroidProcess:
         return self.proc.returncode
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 6 open): the count sent after a vanished "
-                   "instance is reaped does not reach the survivors' sockets in time")
 async def test_two_processes_share_events_and_counts_and_forget_a_killed_one(
         redis_server, tmp_path, listen):
+    require_ttl_setting()
     a = DroidProcess("a", redis_server.url, tmp_path)
     b = DroidProcess("b", redis_server.url, tmp_path)
     api_a, api_b = Api(a.url), Api(b.url)
