@@ -128,7 +128,9 @@ class RedisManager(socketio.AsyncRedisManager):
     deploy). So an emit of `connections.count` to a user's `sockets:{userId}` room becomes a
     notice on a second channel, and every process holding sockets of that user reads the count
     from `presence` when the notice arrives and tells its own sockets: one reader at a time per
-    process, so the last value a socket receives was read after the last change.
+    process, so the last value a socket receives was read after the last change. Notices sent
+    while a process was not subscribed are lost, so on subscribing again after an outage it
+    recounts all its users and has the others recount them too.
     """
 
     name = "droid-redis"
@@ -147,12 +149,14 @@ class RedisManager(socketio.AsyncRedisManager):
         self.publishing = _Outage("publishing events", "events reach this process's sockets only")
         self.listening = _Outage("receiving events",
                                  "this process's sockets miss the other processes' events")
+        self.publish_failures = 0  # attempts that failed (at most one a second while Redis is away)
         self._retry_at = 0.0
         self._closed = False
         self._subscribed = asyncio.Event()
         self._tried = asyncio.Event()
         self._listener: AsyncIterator[bytes] | None = None
         self._recount: set[str] = set()
+        self._announce: set[str] = set()
         self._recount_wakeup = asyncio.Event()
         self._recounter: asyncio.Task | None = None
 
@@ -179,6 +183,7 @@ class RedisManager(socketio.AsyncRedisManager):
         self._closed = True
         self._recount_wakeup.set()
         tasks = [t for t in (getattr(self, "thread", None), self._recounter) if t is not None]
+        pending: set = set()
         for task in tasks:
             task.cancel()
         if tasks:
@@ -187,7 +192,7 @@ class RedisManager(socketio.AsyncRedisManager):
             _, pending = await asyncio.wait(tasks, timeout=5)
             if pending:
                 log.warning("Redis listener did not stop in time")
-        if self._listener is not None:
+        if self._listener is not None and not pending:
             await self._listener.aclose()  # type: ignore[attr-defined]
         if self._owns_redis:
             await self.redis.aclose()
@@ -229,6 +234,7 @@ class RedisManager(socketio.AsyncRedisManager):
         try:
             await self.redis.publish(channel, payload)
         except UNAVAILABLE as exc:
+            self.publish_failures += 1
             self._retry_at = loop.time() + self.publish_retry_s
             self.publishing.failed(exc)
             return
@@ -283,6 +289,8 @@ class RedisManager(socketio.AsyncRedisManager):
                     # Confirmed by Redis: from here on nothing published is missed.
                     self._subscribed.set()
                     self._tried.set()
+                    if self.listening.down:
+                        self._recount_everyone()  # count notices may have been missed
                     self.listening.recovered()
             elif kind == "message" and message["channel"] == channel:
                 yield message["data"]
@@ -293,10 +301,19 @@ class RedisManager(socketio.AsyncRedisManager):
 
     # counts ----------------------------------------------------------------------------------
 
-    def _recount_soon(self, user_id: str) -> None:
+    def _recount_soon(self, user_id: str, *, announce: bool = False) -> None:
         if self._has_local(_COUNT_ROOM + user_id):
             self._recount.add(user_id)
+            if announce:
+                self._announce.add(user_id)
             self._recount_wakeup.set()
+
+    def _recount_everyone(self) -> None:
+        """After an outage: count notices were missed both ways, so recount and tell the others
+        to (they may have re-read the counts before this process re-registered)."""
+        for room in list(self.rooms.get(NAMESPACE, {})):
+            if isinstance(room, str) and room.startswith(_COUNT_ROOM):
+                self._recount_soon(room[len(_COUNT_ROOM):], announce=True)
 
     def _has_local(self, room: str) -> bool:
         return next(iter(self.get_participants(NAMESPACE, room)), None) is not None
@@ -308,13 +325,16 @@ class RedisManager(socketio.AsyncRedisManager):
             if self._closed:
                 return
             users = [u for u in self._recount if self._has_local(_COUNT_ROOM + u)]
+            announce = list(self._announce)
             self._recount.clear()
-            if not users:
-                continue
+            self._announce.clear()
             try:
-                for user_id, count in zip(users, await self.presence.counts(users)):
-                    await self.emit(COUNT_EVENT, {"count": count}, namespace=NAMESPACE,
-                                    room=_COUNT_ROOM + user_id, ignore_queue=True)
+                if users:
+                    for user_id, count in zip(users, await self.presence.counts(users)):
+                        await self.emit(COUNT_EVENT, {"count": count}, namespace=NAMESPACE,
+                                        room=_COUNT_ROOM + user_id, ignore_queue=True)
+                for user_id in announce:
+                    await self._send(self.counts_channel, f"{self.host_id} {user_id}")
             except Exception:
                 log.exception("sending connection counts failed")
 
