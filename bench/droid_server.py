@@ -102,7 +102,7 @@ class EmitHandler(BenchHandler):
         start = int(params.get("start", 0))
         rate = float(params.get("rate", 0) or 0)
         event = str(params.get("event", "task.processing"))
-        emit = self.droid.gateway.events._emit
+        publish = self.droid.gateway.events.publish
         t0 = _mono_ms()
         max_lag = 0.0
         interval = 1000.0 / rate if rate else 0.0
@@ -118,8 +118,7 @@ class EmitHandler(BenchHandler):
             data = {"taskId": TASK_ID, "userId": user_id, "agentId": AGENT_ID,
                     "status": "processing", "retryCount": 0, "startedAt": now, "updatedAt": now,
                     "i": i, "sentAt": _mono_ms()}
-            envelope = {"event": event, "data": data, "timestamp": now, "seq": None}
-            await emit(f"user:{user_id}", event, envelope)
+            await publish(user_id, event, data, durable=False)
         self.reply({"emitted": count, "elapsedMs": _mono_ms() - t0, "maxLagMs": max_lag})
 
 

@@ -18,7 +18,8 @@ from . import __version__
 from .agents import AgentService
 from .auth import Passwords, Tokens
 from .config import Config
-from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence, limit_backlog
+from .delivery import Delivery, websocket_handler
+from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence
 from .handlers.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler,
                            RegisterHandler, TaskHandler, TasksHandler)
 from .handlers.base import NotFoundHandler
@@ -50,16 +51,14 @@ STATIC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 MAX_PACKET = 64 * 1024
 
 
-def socketio_handler(sio: socketio.AsyncServer, compression: bool) -> type:
+def socketio_handler(sio: socketio.AsyncServer, delivery: Delivery, compression: bool) -> type:
     """python-engineio's Tornado handler, with per-message deflate made optional (off by default:
-    it costs memory and CPU per socket, and OWASP advises against it)."""
-    base = limit_backlog(socketio.get_tornado_handler(sio))
+    it costs memory and CPU per socket, and OWASP advises against it), and its WebSocket
+    connections known to the app, which closes them at shutdown."""
+    base = websocket_handler(socketio.get_tornado_handler(sio), delivery, compression=compression)
 
     class Handler(base):  # type: ignore[misc, valid-type]
         live: set = set()  # open WebSocket connections of this app, closed at shutdown
-
-        def get_compression_options(self) -> dict | None:
-            return {} if compression else None
 
         async def open(self, *args: Any, **kwargs: Any) -> None:
             Handler.live.add(self)
@@ -124,6 +123,7 @@ class Droid:
             await asyncio.wait_for(self.sio.shutdown(), 5)
         except Exception:
             log.warning("closing Socket.IO connections did not finish cleanly", exc_info=True)
+        await self.gateway.events.delivery.close()
         await self.presence.stop()
         if self.redis is not None:
             await self.sio.manager.close()
@@ -164,7 +164,10 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     else:
         presence = LocalPresence()
     tokens = Tokens(config)
-    events = EventsService(sio, store, metrics)
+    events = EventsService(sio, store, metrics, relay=manager)
+    if manager is not None:
+        manager.on_envelope = events.receive
+        manager.on_resubscribed = events.delivery.catch_up
     tasks = TaskService(store, events, max_retries=config.task_max_retries,
                         retry_backoff_s=config.retry_backoff_s)
     agents = AgentService(store, default_model=config.llm_model)
@@ -184,7 +187,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         default_handler_class=NotFoundHandler, log_function=log_request, websocket_max_message_size=MAX_PACKET,
         redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
     )
-    ws_handler = socketio_handler(sio, config.ws_compression)
+    ws_handler = socketio_handler(sio, events.delivery, config.ws_compression)
     routes = [
         (r"/auth/register", RegisterHandler),
         (r"/auth/login", LoginHandler),

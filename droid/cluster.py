@@ -10,8 +10,10 @@ fan-out and keys that expire for the connection counts.
   Redis is unreachable, emits still reach local sockets, the failure is logged once (not once per
   event), publishing is retried at most once a second, and the listener re-subscribes by itself
   (backoff 0.1 s doubling to 5 s), logging once when it loses Redis and once when it is back.
-  Events published while Redis is away do not reach the other processes' sockets; their clients
-  can catch up with `GET /events?after=` or `subscribe.tasks {lastSeq}`. A `connections.count`
+  Task envelopes travel on their own channel (`publish_envelope`) and are handed to the receiving
+  process's Delivery, which puts each socket's envelopes in seq order whichever process numbered
+  them (droid/delivery.py). Envelopes published while Redis is away do not travel; when a process
+  subscribes again it looks in the event store for what its sockets missed. A `connections.count`
   emit is not fanned out as a value but as "this user's count changed": each process re-reads the
   count when the notice arrives, so that sockets never keep a count computed before the last
   change (see RedisManager).
@@ -42,6 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .events import NAMESPACE, presence_room
+from .util import dumps, loads
 
 log = logging.getLogger("droid.cluster")
 
@@ -142,6 +145,11 @@ class RedisManager(socketio.AsyncRedisManager):
         self._owns_redis = redis is None
         self.redis = redis if redis is not None else make_redis(url, tls_verify=tls_verify)
         self.counts_channel = channel + ":counts"
+        self.envelopes_channel = channel + ":envelopes"
+        # Set when wiring the app: what to do with another process's task envelope, and what
+        # to do after an outage of the subscription (look for envelopes missed meanwhile).
+        self.on_envelope: Any = None
+        self.on_resubscribed: Any = None
         self.presence: Any = None  # a RedisPresence, set when wiring the app
         self.publish_retry_s = publish_retry_s
         self.reconnect_max_s = reconnect_max_s
@@ -209,6 +217,10 @@ class RedisManager(socketio.AsyncRedisManager):
         await super().emit(event, data, namespace=namespace, room=room, skip_sid=skip_sid,
                            callback=callback, **kwargs)
 
+    async def publish_envelope(self, user_id: str, event: str, envelope: dict) -> None:
+        """Hand a task envelope to every other process (their Delivery puts it in order)."""
+        await self._send(self.envelopes_channel, dumps([self.host_id, user_id, event, envelope]))
+
     async def count_changed(self, user_id: str) -> None:
         """The user's socket count changed: every process re-reads it and tells its sockets."""
         self._recount_soon(user_id)
@@ -225,7 +237,7 @@ class RedisManager(socketio.AsyncRedisManager):
 
     # publishing ------------------------------------------------------------------------------
 
-    async def _send(self, channel: str, payload: str) -> None:
+    async def _send(self, channel: str, payload: str | bytes) -> None:
         if self._closed:
             return
         loop = asyncio.get_running_loop()
@@ -249,7 +261,7 @@ class RedisManager(socketio.AsyncRedisManager):
             _stopped_or_cancelled(self._closed)
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel, self.counts_channel)
+                await pubsub.subscribe(self.channel, self.counts_channel, self.envelopes_channel)
                 async for data in self._read(pubsub):
                     yield data
             except UNAVAILABLE as exc:
@@ -265,6 +277,7 @@ class RedisManager(socketio.AsyncRedisManager):
 
     async def _read(self, pubsub: Any) -> AsyncIterator[bytes]:
         channel, counts_channel = self.channel.encode(), self.counts_channel.encode()
+        envelopes_channel = self.envelopes_channel.encode()
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged = False
@@ -285,19 +298,32 @@ class RedisManager(socketio.AsyncRedisManager):
             kind = message["type"]
             if kind == "subscribe":
                 confirmed += 1
-                if confirmed == 2:
+                if confirmed == 3:
                     # Confirmed by Redis: from here on nothing published is missed.
                     self._subscribed.set()
                     self._tried.set()
                     if self.listening.down:
                         self._recount_everyone()  # count notices may have been missed
+                        if self.on_resubscribed is not None:
+                            self.on_resubscribed()  # and envelopes too
                     self.listening.recovered()
+            elif kind == "message" and message["channel"] == envelopes_channel:
+                self._envelope(message["data"])
             elif kind == "message" and message["channel"] == channel:
                 yield message["data"]
             elif kind == "message" and message["channel"] == counts_channel:
                 host_id, _, user_id = message["data"].decode().partition(" ")
                 if host_id != self.host_id:  # ours was recounted when it was sent
                     self._recount_soon(user_id)
+
+    def _envelope(self, data: bytes) -> None:
+        try:
+            host_id, user_id, event, envelope = loads(data)
+        except (ValueError, TypeError):
+            log.warning("ignored a malformed envelope on %s", self.envelopes_channel)
+            return
+        if host_id != self.host_id and self.on_envelope is not None:
+            self.on_envelope(user_id, event, envelope)
 
     # counts ----------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """Real-time events: the publisher (EventsService) and the /events namespace (EventsGateway).
 
 EventsService is what the task service publishes through: it numbers each envelope with the
-user's `seq`, stores it for resume, and emits it to the owner's room as the specific event and as
-`task.event`. EventsGateway authenticates sockets, keeps them in their user's rooms, answers the
-client events, replays what a reconnecting client missed, and enforces the contract's limits.
-`limit_backlog` bounds what Tornado buffers for a WebSocket client that stopped reading.
+user's `seq`, stores it for resume, and hands it to Delivery (droid/delivery.py), which writes it
+to the owner's sockets in this process as the specific event and as `task.event`, and to the
+relay (Redis, when there are several processes), which hands it to every other process's
+Delivery. EventsGateway authenticates sockets, answers the client events, has Delivery replay
+what a reconnecting client missed, and enforces the contract's limits.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from urllib.parse import parse_qs
 import socketio
 
 from .auth import AuthError, Tokens, bearer
+from .delivery import Delivery
 from .store import Store
 from .util import iso, now_iso, utcnow
 
@@ -26,15 +28,9 @@ NAMESPACE = "/events"
 CONNECTED_MESSAGE = "Successfully connected to real-time events"
 MAX_SOCKETS_PER_USER = 20
 RATE_PER_SECOND = 20
-MAX_BACKLOG = 1000
-REPLAY_BATCH = 500
 
 service_log = logging.getLogger("droid.EventsService")
 gateway_log = logging.getLogger("droid.EventsGateway")
-
-
-def task_room(user_id: str) -> str:
-    return f"user:{user_id}"
 
 
 def presence_room(user_id: str) -> str:
@@ -76,19 +72,24 @@ class _Held:
 
 
 class EventsService:
-    """Publishes task events: numbered, stored for resume, emitted to the owner's room."""
+    """Publishes task events: numbered, stored for resume, delivered to the owner's sockets."""
 
-    def __init__(self, sio: socketio.AsyncServer, store: Store, metrics: Any = None) -> None:
+    def __init__(self, sio: socketio.AsyncServer, store: Store, metrics: Any = None,
+                 relay: Any = None) -> None:
         self.sio = sio
         self.store = store
         self.metrics = metrics
+        # Another process's publisher: `publish_envelope(user_id, event, envelope)`, which
+        # comes back through `receive` there.
+        self.relay = relay
+        self.delivery = Delivery(sio, store, NAMESPACE)
+        if metrics is not None:
+            self.delivery.on_shed = lambda sid: metrics.sockets_shed.inc()
         self.user_locks = KeyedLocks()
-        # Called with the room after each emit to it (the gateway sheds lagging sockets there).
-        self.after_emit: Callable[[str], Awaitable[None]] | None = None
         self._watchers: dict[str, set[asyncio.Event]] = {}
 
     def watch(self, user_id: str) -> asyncio.Event:
-        """An event set whenever this process stores an envelope of the user (SSE streams)."""
+        """An event set whenever an envelope of the user is published (SSE streams)."""
         wakeup = asyncio.Event()
         self._watchers.setdefault(user_id, set()).add(wakeup)
         return wakeup
@@ -101,52 +102,38 @@ class EventsService:
                 del self._watchers[user_id]
 
     async def publish(self, user_id: str, event: str, data: dict, *, durable: bool = True) -> None:
-        room = task_room(user_id)
         if not durable:
             envelope = {"event": event, "data": data, "timestamp": now_iso(), "seq": None}
-            await self._emit(room, event, envelope)
+            await self._fan_out(user_id, event, envelope)
             return
-        # One lock per user in this process: seq order, store order and emit order agree, and a
-        # replay for this user (which takes the same lock) never interleaves with a publish.
+        # One lock per user in this process, so that its envelopes leave in seq order (sockets
+        # would put them back in order anyway, but without having to wait for a gap).
         async with self.user_locks(user_id):
             now = utcnow()
             seq = await self.store.next_seq(user_id)
             envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": seq}
             await self.store.insert_event({"userId": user_id, "seq": seq, "event": event,
                                            "envelope": envelope, "createdAt": now})
-            await self._emit(room, event, envelope)
-        for wakeup in self._watchers.get(user_id, ()):
-            wakeup.set()
+            await self._fan_out(user_id, event, envelope)
 
-    async def _emit(self, room: str, event: str, envelope: dict) -> None:
-        await self.sio.emit(event, envelope, room=room, namespace=NAMESPACE)
-        await self.sio.emit("task.event", envelope, room=room, namespace=NAMESPACE)
+    async def _fan_out(self, user_id: str, event: str, envelope: dict) -> None:
+        self.receive(user_id, event, envelope)
+        if self.relay is not None:
+            await self.relay.publish_envelope(user_id, event, envelope)
+        else:
+            # Delivery writes without waiting; let the loop serve sockets (and shed laggards)
+            # between two publishes even when the store answers without waiting either.
+            await asyncio.sleep(0)
         if self.metrics is not None:
             self.metrics.events_emitted.labels(event=event).inc()
-        service_log.debug("emitted %s seq=%s to %s", event, envelope["seq"], room)
-        if self.after_emit is not None:
-            await self.after_emit(room)
 
-    async def replay(self, user_id: str, after: int,
-                     send: Callable[[dict], Awaitable[None]]) -> int | None:
-        """Send the stored envelopes with seq > after, oldest first, through `send`.
-
-        Returns None when they were all sent, or the oldest seq still kept when some of them
-        are gone already (the client must then resync over REST). The caller holds the
-        user's lock, so that nothing is published meanwhile.
-        """
-        oldest = await self.store.oldest_seq(user_id)
-        if oldest is None or oldest > after + 1:
-            last = await self.store.last_seq(user_id)
-            if last > after:
-                return oldest if oldest is not None else last + 1
-        while True:
-            docs = await self.store.events_after(user_id, after, REPLAY_BATCH)
-            for doc in docs:
-                await send(doc["envelope"])
-                after = doc["seq"]
-            if len(docs) < REPLAY_BATCH:
-                return None
+    def receive(self, user_id: str, event: str, envelope: dict) -> None:
+        """An envelope published here or, through the relay, by another process."""
+        self.delivery.deliver(user_id, event, envelope)
+        if envelope["seq"] is not None:
+            for wakeup in self._watchers.get(user_id, ()):
+                wakeup.set()
+        service_log.debug("delivered %s seq=%s of user %s", event, envelope["seq"], user_id)
 
 
 class RateLimiter:
@@ -258,7 +245,6 @@ class EventsGateway:
                               ("auth.refresh", self.on_refresh), ("*", self.on_other)):
             sio.on(name, handler, namespace=NAMESPACE)
         sio.on("connect", self.on_foreign_connect, namespace="*")
-        events.after_emit = self.shed_laggards
 
     def _spawn(self, coro: Coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -303,6 +289,7 @@ class EventsGateway:
             user_id = state.user_id
             if self.sockets.get(sid) is not state:
                 return  # gone already
+            self.events.delivery.add(sid, user_id)
             await self.sio.enter_room(sid, presence_room(user_id), namespace=NAMESPACE)
             if last_seq is None:
                 await self._attach(sid, state, None)  # in the room before `connected`
@@ -321,6 +308,7 @@ class EventsGateway:
             return
         if state.expiry is not None:
             state.expiry.cancel()
+        self.events.delivery.remove(sid)
         count = await self.presence.remove(state.user_id, sid)
         gateway_log.info("client %s disconnected (user %s, %s; %d open)", sid, state.user_id,
                          reason, count)
@@ -333,45 +321,14 @@ class EventsGateway:
                             room=presence_room(user_id), namespace=NAMESPACE)
 
     async def _attach(self, sid: str, state: SocketState, last_seq: int | None) -> None:
-        """Join the user's task room, first replaying what the client missed after last_seq."""
-        user_id = state.user_id
-
-        async def send(envelope: dict) -> None:
-            await self.sio.emit(envelope["event"], envelope, to=sid, namespace=NAMESPACE)
-            await self.sio.emit("task.event", envelope, to=sid, namespace=NAMESPACE)
-
-        async with self.events.user_locks(user_id):
-            if last_seq is not None:
-                oldest = await self.events.replay(user_id, last_seq, send)
-                if oldest is not None:
-                    gateway_log.info("client %s: seq %d is no longer kept; resync from %d", sid,
-                                     last_seq, oldest)
-                    await self.sio.emit("resync", {"oldestSeq": oldest}, to=sid,
-                                        namespace=NAMESPACE)
-            # Checked under the lock: the client may have unsubscribed, or gone, meanwhile.
-            if state.subscribed and self.sockets.get(sid) is state:
-                await self.sio.enter_room(sid, task_room(user_id), namespace=NAMESPACE)
-
-    # slow clients ----------------------------------------------------------------------------
-
-    async def shed_laggards(self, room: str) -> None:
-        """Disconnect the sockets of a room with more than MAX_BACKLOG messages queued.
-
-        This sees what python-engineio queues (the long-polling transport, and a WebSocket
-        whose writer is stuck); `limit_backlog` covers what Tornado buffers after that.
-        """
-        for sid, eio_sid in list(self.sio.manager.get_participants(NAMESPACE, room)):
-            eio_socket = self.sio.eio.sockets.get(eio_sid)
-            if eio_socket is None or eio_socket.closed:
-                continue
-            backlog = eio_socket.queue.qsize()
-            if backlog > MAX_BACKLOG:
-                gateway_log.warning("client %s is %d messages behind: disconnecting", sid,
-                                    backlog)
-                await self.sio.disconnect(sid, namespace=NAMESPACE)
-                # Closing without waiting: its queue would never drain. Nothing more is queued
-                # for it, and the queue goes with the socket.
-                await eio_socket.close(wait=False, abort=True)
+        """Deliver the user's envelopes to the socket, first what it missed after last_seq."""
+        oldest = await self.events.delivery.attach(sid, last_seq)
+        if oldest is not None:
+            gateway_log.info("client %s: seq %d is no longer kept; resync from %d", sid,
+                             last_seq, oldest)
+            await self.sio.emit("resync", {"oldestSeq": oldest}, to=sid, namespace=NAMESPACE)
+        if not state.subscribed:  # unsubscribed meanwhile
+            self.events.delivery.detach(sid)
 
     # token expiry ----------------------------------------------------------------------------
 
@@ -435,7 +392,7 @@ class EventsGateway:
         if state is None:
             return None
         state.subscribed = False
-        await self.sio.leave_room(sid, task_room(state.user_id), namespace=NAMESPACE)
+        self.events.delivery.detach(sid)
         return await self._answer(sid, "unsubscribed.tasks", {
             "userId": state.user_id, "timestamp": now_iso(),
             "message": "Successfully unsubscribed from task updates"})
@@ -467,36 +424,3 @@ class EventsGateway:
 
     async def connection_count(self) -> int:
         return len(self.sockets)
-
-
-def limit_backlog(handler_class: type) -> type:
-    """A subclass of python-engineio's Tornado handler that drops a WebSocket client which
-    falls more than MAX_BACKLOG messages behind.
-
-    python-engineio hands each message to Tornado without waiting for it to be written, so
-    what a stalled WebSocket client does not read piles up in Tornado's write buffer, with no
-    bound. Here every message not yet written to the network is counted; past the limit the
-    connection is closed, and the client can come back and resume with `lastSeq`.
-    """
-
-    class Handler(handler_class):  # type: ignore[misc, valid-type]
-        unwritten = 0
-
-        def write_message(self, message: Any, binary: bool = False) -> Any:
-            written = super().write_message(message, binary)
-            self.unwritten += 1
-            written.add_done_callback(self._written)
-            if self.unwritten > MAX_BACKLOG and self.ws_connection is not None:
-                gateway_log.warning("WebSocket client %s is %d messages behind: disconnecting",
-                                    self.request.remote_ip, self.unwritten)
-                # No close handshake: the client is not reading. Closing the stream fails the
-                # pending writes and ends the Engine.IO and Socket.IO sessions at once.
-                self.ws_connection.stream.close()
-            return written
-
-        def _written(self, future: asyncio.Future) -> None:
-            self.unwritten -= 1
-            if not future.cancelled():
-                future.exception()  # a write failed because the connection closed: expected
-
-    return Handler

@@ -12,6 +12,8 @@ class Metrics:
                                  "in this process", registry=r)
         self.events_emitted = Counter("droid_events_emitted", "Task events emitted, by event",
                                       ["event"], registry=r)
+        self.sockets_shed = Counter("droid_sockets_shed", "Sockets disconnected for falling more "
+                                    "than 1,000 messages behind", registry=r)
         self.refusals = Counter("droid_socket_refusals", "Refused Socket.IO connections, by reason",
                                 ["reason"], registry=r)
         self.tasks = Gauge("droid_tasks", "Tasks by status", ["status"], registry=r)

@@ -16,7 +16,8 @@ import socketio
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from conftest import ISO_RE, Listener, wait_until
-from droid.events import MAX_BACKLOG, MAX_SOCKETS_PER_USER
+from droid.delivery import MAX_BACKLOG
+from droid.events import MAX_SOCKETS_PER_USER
 from test_events import mint
 
 pytestmark = pytest.mark.asyncio

@@ -1,0 +1,458 @@
+"""Delivery of task envelopes to this process's /events sockets: in order, exactly once, fast.
+
+The one place that goes under python-socketio. Everything else the namespace sends (`connected`,
+`pong`, `connections.count`, ...) goes through python-socketio as usual.
+
+**Order and exactly-once.** Every subscribed socket has an Outbox holding the next `seq` its
+client expects. An envelope is written when it is that one; an older one (already sent by a
+replay, or heard twice) is dropped; a newer one is held until the gap before it is filled, by
+the envelope itself arriving (from this process or, over Redis, from another) or from the event
+store after `gap_wait_s`. A hole that the store never fills (a publisher that died between
+numbering an envelope and storing it) is skipped after `gap_give_up_s`. A replay (`attach`)
+advances the same counter, so resuming needs no lock against publishing, in this process or any
+other: envelopes published during the replay are held and released after it.
+
+**Speed.** A room emit through python-socketio costs, per recipient, an asyncio task, a queue
+hop, a writer wake-up with its own `wait_for` timer, and the framing. Here each envelope is
+encoded once (as the Socket.IO packet, and as the WebSocket frame holding it) and the same bytes
+are written to every recipient's Tornado stream, with no task per recipient. That is only done
+where it cannot reorder anything: a WebSocket transport without per-message deflate whose
+python-engineio writer is idle, waiting on an empty queue. Any other socket (long-polling, deflate
+negotiated, writer busy or packets queued) gets the same pre-encoded packet through
+python-engineio's own queue, behind what is already there.
+
+**Bounds.** A socket with more than `max_backlog` messages not yet written (in python-engineio's
+queue, in Tornado's write buffer through python-engineio, or written here) is disconnected
+rather than buffered without bound; the client can come back and resume with `lastSeq`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any, Callable
+
+import engineio.packet
+from tornado.iostream import StreamClosedError
+
+from .util import dumps
+
+log = logging.getLogger("droid.delivery")
+
+MAX_BACKLOG = 1000
+REPLAY_BATCH = 500
+GAP_WAIT_S = 0.2
+GAP_GIVE_UP_S = 3.0
+DRAIN_TIMEOUT_S = 30.0
+
+
+class Frame:
+    """One Socket.IO EVENT packet, encoded once for every socket and transport."""
+
+    __slots__ = ("text", "ws_bytes", "_packet")
+
+    def __init__(self, namespace: str, event: str, envelope: dict) -> None:
+        text = b"2" + namespace.encode() + b"," + dumps([event, envelope])
+        self.text = text
+        payload = b"4" + text  # the Engine.IO MESSAGE holding it
+        size = len(payload)
+        if size < 126:
+            head = struct.pack("!BB", 0x81, size)  # FIN + text frame; servers never mask
+        elif size <= 0xFFFF:
+            head = struct.pack("!BBH", 0x81, 126, size)
+        else:
+            head = struct.pack("!BBQ", 0x81, 127, size)
+        self.ws_bytes = head + payload
+        self._packet: engineio.packet.Packet | None = None
+
+    @property
+    def packet(self) -> engineio.packet.Packet:
+        """The same packet for python-engineio's queue (long-polling, or a busy writer)."""
+        if self._packet is None:
+            self._packet = engineio.packet.Packet(engineio.packet.MESSAGE,
+                                                  data=self.text.decode())
+        return self._packet
+
+
+Frames = tuple[Frame, ...]
+
+
+class Outbox:
+    """What is known about one socket's place in its user's envelope stream."""
+
+    __slots__ = ("sid", "eio_sid", "user_id", "next_seq", "held", "replaying", "subscribed",
+                 "direct", "gap_task", "attaching")
+
+    def __init__(self, sid: str, eio_sid: str, user_id: str) -> None:
+        self.sid = sid
+        self.eio_sid = eio_sid
+        self.user_id = user_id
+        self.next_seq = 0            # 0 until attached: nothing is delivered before that
+        self.held: dict[int, Frames] = {}
+        self.replaying = False
+        self.subscribed = False
+        self.direct = 0              # frames written straight to the stream since it drained
+        self.gap_task: asyncio.Task | None = None
+        self.attaching: asyncio.Lock | None = None
+
+
+class Delivery:
+    """The /events sockets of this process, by user, and the envelopes written to them."""
+
+    def __init__(self, sio: Any, store: Any, namespace: str, *, max_backlog: int = MAX_BACKLOG,
+                 gap_wait_s: float = GAP_WAIT_S, gap_give_up_s: float = GAP_GIVE_UP_S) -> None:
+        self.sio = sio
+        self.store = store
+        self.namespace = namespace
+        self.max_backlog = max_backlog
+        self.gap_wait_s = gap_wait_s
+        self.gap_give_up_s = gap_give_up_s
+        self.outboxes: dict[str, Outbox] = {}
+        self.by_user: dict[str, dict[str, Outbox]] = {}
+        # WebSocket handlers by Engine.IO sid, for sockets that upgraded from long-polling
+        # (those that opened on a WebSocket are found through their environ).
+        self.websockets: dict[str, Any] = {}
+        self.on_shed: Callable[[str], None] | None = None  # metrics hook
+        self._shed: list[Outbox] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    # sockets ---------------------------------------------------------------------------------
+
+    def add(self, sid: str, user_id: str) -> None:
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, self.namespace)
+        box = Outbox(sid, eio_sid, user_id)
+        self.outboxes[sid] = box
+        self.by_user.setdefault(user_id, {})[sid] = box
+
+    def remove(self, sid: str) -> None:
+        box = self.outboxes.pop(sid, None)
+        if box is None:
+            return
+        box.subscribed = False
+        box.held.clear()
+        if box.gap_task is not None:
+            box.gap_task.cancel()
+        boxes = self.by_user.get(box.user_id)
+        if boxes is not None:
+            boxes.pop(sid, None)
+            if not boxes:
+                del self.by_user[box.user_id]
+
+    async def attach(self, sid: str, last_seq: int | None) -> int | None:
+        """Subscribe a socket: write what it missed after `last_seq`, then everything new.
+
+        Without `last_seq`, only what is published from now on. Returns the oldest seq still
+        kept when the history no longer reaches back to `last_seq` (nothing is replayed then:
+        the client must resync over REST), else None.
+        """
+        box = self.outboxes.get(sid)
+        if box is None:
+            return None
+        if box.attaching is None:
+            box.attaching = asyncio.Lock()
+        async with box.attaching:  # one replay at a time per socket
+            box.subscribed = True
+            box.replaying = True
+            box.held.clear()
+            try:
+                return await self._replay(box, last_seq)
+            finally:
+                box.replaying = False
+                self._release(box)
+                self._shed_laggards()
+
+    async def _replay(self, box: Outbox, last_seq: int | None) -> int | None:
+        user_id = box.user_id
+        last = await self.store.last_seq(user_id)
+        if last_seq is None or last_seq >= last:
+            box.next_seq = last + 1
+            return None
+        oldest = await self.store.oldest_seq(user_id)
+        if oldest is None or oldest > last_seq + 1:
+            box.next_seq = last + 1
+            return oldest if oldest is not None else last + 1
+        box.next_seq = last_seq + 1
+        while self.outboxes.get(box.sid) is box and box.subscribed:
+            docs = await self.store.events_after(user_id, box.next_seq - 1, REPLAY_BATCH)
+            hole = False
+            for doc in docs:
+                envelope = doc["envelope"]
+                frames = self.frames(envelope["event"], envelope)
+                if not hole and envelope["seq"] == box.next_seq:
+                    self._write(box, frames)
+                    box.next_seq += 1
+                    if self._backlog(box) > self.max_backlog // 2:
+                        await self._drain(box)
+                else:
+                    # Numbered but not stored yet (or never will be): hold the rest, and
+                    # let the gap watcher wait for it once the replay is over.
+                    hole = True
+                    box.held[envelope["seq"]] = frames
+            if hole or len(docs) < REPLAY_BATCH or box.next_seq > last:
+                return None
+        return None
+
+    def detach(self, sid: str) -> None:
+        """Stop delivering envelopes to a socket (unsubscribe.tasks)."""
+        box = self.outboxes.get(sid)
+        if box is not None:
+            box.subscribed = False
+            box.held.clear()
+
+    # envelopes -------------------------------------------------------------------------------
+
+    def frames(self, event: str, envelope: dict) -> Frames:
+        """The specific event and `task.event`, each encoded once."""
+        return (Frame(self.namespace, event, envelope),
+                Frame(self.namespace, "task.event", envelope))
+
+    def deliver(self, user_id: str, event: str, envelope: dict) -> int:
+        """Hand one envelope to every local socket of its user; returns how many wrote it."""
+        boxes = self.by_user.get(user_id)
+        if not boxes:
+            return 0
+        frames = self.frames(event, envelope)
+        seq = envelope.get("seq")
+        sent = 0
+        for box in list(boxes.values()):
+            if not box.subscribed:
+                continue
+            if seq is None:  # live-only (task.progress): no place in the order to keep
+                if not box.replaying:
+                    self._write(box, frames)
+                    sent += 1
+            elif seq < box.next_seq:
+                continue  # sent already, by a replay or from another process
+            elif seq == box.next_seq and not box.replaying:
+                self._write(box, frames)
+                box.next_seq += 1
+                sent += 1
+                if box.held:
+                    self._release(box)
+            else:
+                box.held[seq] = frames
+                if not box.replaying:
+                    self._watch_gap(box)
+        self._shed_laggards()
+        return sent
+
+    def catch_up(self) -> None:
+        """Look in the store for envelopes this process may have missed (Redis was away)."""
+        for boxes in list(self.by_user.values()):
+            box = next(iter(boxes.values()), None)
+            if box is not None:
+                self._spawn(self._catch_up(box.user_id))
+
+    async def _catch_up(self, user_id: str) -> None:
+        boxes = [b for b in self.by_user.get(user_id, {}).values() if b.subscribed]
+        if not boxes:
+            return
+        after = min(b.next_seq for b in boxes) - 1
+        while True:
+            docs = await self.store.events_after(user_id, after, REPLAY_BATCH)
+            for doc in docs:
+                self.deliver(user_id, doc["event"], doc["envelope"])
+                after = doc["seq"]
+            if len(docs) < REPLAY_BATCH:
+                return
+
+    def _release(self, box: Outbox) -> None:
+        """Write the held envelopes that are next in line; watch for a gap before the rest."""
+        held = box.held
+        while held:
+            frames = held.pop(box.next_seq, None)
+            if frames is None:
+                for seq in [s for s in held if s < box.next_seq]:
+                    del held[seq]
+                if held:
+                    self._watch_gap(box)
+                return
+            self._write(box, frames)
+            box.next_seq += 1
+
+    def _watch_gap(self, box: Outbox) -> None:
+        if box.gap_task is None or box.gap_task.done():
+            box.gap_task = self._spawn(self._fill_gap(box))
+
+    async def _fill_gap(self, box: Outbox) -> None:
+        waited = 0.0
+        while box.held and self.outboxes.get(box.sid) is box:
+            await asyncio.sleep(self.gap_wait_s)
+            waited += self.gap_wait_s
+            if box.replaying or not box.held:
+                return  # the replay releases what is held when it ends
+            try:
+                docs = await self.store.events_after(box.user_id, box.next_seq - 1,
+                                                     min(box.held) - box.next_seq)
+            except Exception:
+                log.warning("reading missed envelopes for %s failed", box.sid, exc_info=True)
+                docs = []
+            if box.replaying or self.outboxes.get(box.sid) is not box:
+                return
+            for doc in docs:
+                if doc["seq"] == box.next_seq:
+                    envelope = doc["envelope"]
+                    self._write(box, self.frames(envelope["event"], envelope))
+                    box.next_seq += 1
+            self._release(box)
+            if box.held and waited >= self.gap_give_up_s:
+                log.warning("client %s: envelope %d of user %s never arrived; skipping to %d",
+                            box.sid, box.next_seq, box.user_id, min(box.held))
+                box.next_seq = min(box.held)
+                self._release(box)
+            self._shed_laggards()
+
+    # writing ---------------------------------------------------------------------------------
+
+    def _write(self, box: Outbox, frames: Frames) -> None:
+        sock = self.sio.eio.sockets.get(box.eio_sid)
+        if sock is None or sock.closed:
+            return
+        queue = sock.queue
+        queued = queue.qsize()
+        handler = self._websocket(box.eio_sid) if sock.upgraded else None
+        conn = getattr(handler, "ws_connection", None)
+        if (queued == 0 and conn is not None and conn._compressor is None
+                and _writer_idle(queue) and not conn.is_closing()):
+            stream = conn.stream
+            if not stream._write_buffer:
+                box.direct = 0  # everything written before has reached the kernel
+            try:
+                for frame in frames:
+                    stream.write(frame.ws_bytes)
+            except StreamClosedError:
+                return  # the client is gone; its disconnect is on its way
+            box.direct += len(frames)
+            backlog = box.direct + getattr(handler, "unwritten", 0)
+        else:
+            for frame in frames:
+                queue.put_nowait(frame.packet)
+            backlog = queued + len(frames) + box.direct + getattr(handler, "unwritten", 0)
+        if backlog > self.max_backlog:
+            self._shed.append(box)
+
+    def _backlog(self, box: Outbox) -> int:
+        """Messages written to the socket that have not left the process yet."""
+        sock = self.sio.eio.sockets.get(box.eio_sid)
+        if sock is None or sock.closed:
+            return 0
+        handler = self._websocket(box.eio_sid) if sock.upgraded else None
+        conn = getattr(handler, "ws_connection", None)
+        direct = box.direct if conn is not None and conn.stream._write_buffer else 0
+        return sock.queue.qsize() + direct + getattr(handler, "unwritten", 0)
+
+    async def _drain(self, box: Outbox) -> None:
+        """Wait until a replay's backlog is down to a quarter of the bound, so that a long
+        replay paces itself by the client instead of tripping the slow-consumer limit; a client
+        that reads nothing for `DRAIN_TIMEOUT_S` is dropped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while self.outboxes.get(box.sid) is box and self._backlog(box) > self.max_backlog // 4:
+            if loop.time() > deadline:
+                self._shed.append(box)
+                return
+            await asyncio.sleep(0.005)
+
+    def _websocket(self, eio_sid: str) -> Any:
+        handler = self.websockets.get(eio_sid)
+        if handler is None:
+            environ = self.sio.environ.get(eio_sid)
+            handler = environ.get("tornado.handler") if environ else None
+        return handler
+
+    def _shed_laggards(self) -> None:
+        if not self._shed:
+            return
+        laggards, self._shed = self._shed, []
+        for box in dict.fromkeys(laggards):
+            if self.outboxes.get(box.sid) is not box:
+                continue
+            log.warning("client %s fell more than %d messages behind: disconnecting it",
+                        box.sid, self.max_backlog)
+            if self.on_shed is not None:
+                self.on_shed(box.sid)
+            self.remove(box.sid)
+            self._spawn(self._drop(box))
+
+    async def _drop(self, box: Outbox) -> None:
+        sock = self.sio.eio.sockets.get(box.eio_sid)
+        if sock is None or sock.closed:
+            return
+        conn = getattr(self._websocket(box.eio_sid), "ws_connection", None)
+        if sock.upgraded and conn is not None:
+            # No close handshake: the client is not reading. Closing the stream fails the
+            # pending writes and ends the Engine.IO and Socket.IO sessions at once.
+            conn.stream.close()
+            return
+        try:
+            await self.sio.disconnect(box.sid, namespace=self.namespace)
+            # Closing without waiting: its queue would never drain.
+            await sock.close(wait=False, abort=True)
+        except Exception:
+            log.debug("disconnecting %s failed", box.sid, exc_info=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+
+def _writer_idle(queue: asyncio.Queue) -> bool:
+    """True when python-engineio's writer waits in queue.get() with nothing in hand.
+
+    While it is still writing a batch (or between two batches) anything written around it
+    could overtake what it holds; then the queue is the only safe way in.
+    """
+    return any(not getter.done() for getter in queue._getters)  # type: ignore[attr-defined]
+
+
+def websocket_handler(base: type, delivery: Delivery, *, compression: bool) -> type:
+    """python-engineio's Tornado handler, made to (1) register WebSockets that upgraded from
+    long-polling with `delivery`, (2) negotiate per-message deflate only when `compression`,
+    and (3) drop a WebSocket client that falls more than MAX_BACKLOG messages behind in what
+    python-engineio hands to Tornado without waiting for it to be written.
+    """
+
+    class Handler(base):  # type: ignore[misc, valid-type]
+        unwritten = 0
+        upgraded_sid: str | None = None
+
+        def get_compression_options(self) -> dict | None:
+            return {} if compression else None
+
+        def open(self, *args: Any, **kwargs: Any) -> Any:
+            sid = self.get_query_argument("sid", None)
+            if sid:
+                self.upgraded_sid = sid
+                delivery.websockets[sid] = self
+            return super().open(*args, **kwargs)
+
+        def on_close(self) -> None:
+            if self.upgraded_sid is not None and \
+                    delivery.websockets.get(self.upgraded_sid) is self:
+                del delivery.websockets[self.upgraded_sid]
+            super().on_close()
+
+        def write_message(self, message: Any, binary: bool = False) -> Any:
+            written = super().write_message(message, binary)
+            self.unwritten += 1
+            written.add_done_callback(self._written)
+            if self.unwritten > delivery.max_backlog and self.ws_connection is not None:
+                log.warning("WebSocket client %s is %d messages behind: disconnecting",
+                            self.request.remote_ip, self.unwritten)
+                self.ws_connection.stream.close()
+            return written
+
+        def _written(self, future: asyncio.Future) -> None:
+            self.unwritten -= 1
+            if not future.cancelled():
+                future.exception()  # a write failed because the connection closed: expected
+
+    return Handler
