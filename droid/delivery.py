@@ -46,35 +46,41 @@ GAP_GIVE_UP_S = 3.0
 DRAIN_TIMEOUT_S = 30.0
 
 
-class Frame:
-    """One Socket.IO EVENT packet, encoded once for every socket and transport."""
+class Frames:
+    """An envelope as the two Socket.IO EVENT packets that carry it (the specific event, then
+    `task.event`), encoded once for every socket and transport: the JSON of the envelope is
+    built once, and so are the WebSocket frames, back to back in one buffer."""
 
-    __slots__ = ("text", "ws_bytes", "_packet")
+    __slots__ = ("texts", "ws_bytes", "_packets")
+
+    count = 2
 
     def __init__(self, namespace: str, event: str, envelope: dict) -> None:
-        text = b"2" + namespace.encode() + b"," + dumps([event, envelope])
-        self.text = text
-        payload = b"4" + text  # the Engine.IO MESSAGE holding it
-        size = len(payload)
-        if size < 126:
-            head = struct.pack("!BB", 0x81, size)  # FIN + text frame; servers never mask
-        elif size <= 0xFFFF:
-            head = struct.pack("!BBH", 0x81, 126, size)
-        else:
-            head = struct.pack("!BBQ", 0x81, 127, size)
-        self.ws_bytes = head + payload
-        self._packet: engineio.packet.Packet | None = None
+        head, body = b"2" + namespace.encode() + b",[", b"," + dumps(envelope) + b"]"
+        self.texts = (head + dumps(event) + body, head + b'"task.event"' + body)
+        self.ws_bytes = b"".join(_ws_frame(b"4" + text) for text in self.texts)
+        self._packets: tuple[engineio.packet.Packet, ...] | None = None
 
     @property
-    def packet(self) -> engineio.packet.Packet:
-        """The same packet for python-engineio's queue (long-polling, or a busy writer)."""
-        if self._packet is None:
-            self._packet = engineio.packet.Packet(engineio.packet.MESSAGE,
-                                                  data=self.text.decode())
-        return self._packet
+    def packets(self) -> tuple[engineio.packet.Packet, ...]:
+        """The same packets for python-engineio's queue (long-polling, or a busy writer)."""
+        if self._packets is None:
+            self._packets = tuple(engineio.packet.Packet(engineio.packet.MESSAGE,
+                                                         data=text.decode())
+                                  for text in self.texts)
+        return self._packets
 
 
-Frames = tuple[Frame, ...]
+def _ws_frame(payload: bytes) -> bytes:
+    """One unfragmented WebSocket text frame (RFC 6455 5.2; a server never masks)."""
+    size = len(payload)
+    if size < 126:
+        head = struct.pack("!BB", 0x81, size)
+    elif size <= 0xFFFF:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    return head + payload
 
 
 class Outbox:
@@ -202,9 +208,7 @@ class Delivery:
     # envelopes -------------------------------------------------------------------------------
 
     def frames(self, event: str, envelope: dict) -> Frames:
-        """The specific event and `task.event`, each encoded once."""
-        return (Frame(self.namespace, event, envelope),
-                Frame(self.namespace, "task.event", envelope))
+        return Frames(self.namespace, event, envelope)
 
     def deliver(self, user_id: str, event: str, envelope: dict) -> int:
         """Hand one envelope to every local socket of its user; returns how many wrote it."""
@@ -318,16 +322,15 @@ class Delivery:
             if not stream._write_buffer:
                 box.direct = 0  # everything written before has reached the kernel
             try:
-                for frame in frames:
-                    stream.write(frame.ws_bytes)
+                stream.write(frames.ws_bytes)
             except StreamClosedError:
                 return  # the client is gone; its disconnect is on its way
-            box.direct += len(frames)
+            box.direct += frames.count
             backlog = box.direct + getattr(handler, "unwritten", 0)
         else:
-            for frame in frames:
-                queue.put_nowait(frame.packet)
-            backlog = queued + len(frames) + box.direct + getattr(handler, "unwritten", 0)
+            for packet in frames.packets:
+                queue.put_nowait(packet)
+            backlog = queued + frames.count + box.direct + getattr(handler, "unwritten", 0)
         if backlog > self.max_backlog:
             self._shed.append(box)
 

@@ -16,6 +16,8 @@ class RawSocket:
         self.ws: Any = None
         self.events: list[tuple[str, Any]] = []
         self.connect_error: dict | None = None
+        self.sid: str | None = None  # the Socket.IO sid on the namespace, once connected
+        self.frames: list[str | bytes] = []  # every message the server sent, as received
         self.closed = asyncio.Event()
         self._changed = asyncio.Event()
         self._reader: asyncio.Task | None = None
@@ -39,14 +41,27 @@ class RawSocket:
             await self.ws.close()
             raise ConnectionRefusedError(self.connect_error.get("message"))
         assert answer.startswith("40" + self.namespace), answer
+        self.sid = json.loads(answer[len(prefix) + 1:]).get("sid")
         if read:
             self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def open_engineio(self) -> "RawSocket":
+        """Only the Engine.IO handshake: no Socket.IO CONNECT to any namespace. Every message
+        the server sends is recorded in `frames`."""
+        self.ws = await websockets.connect(self.url, max_size=None, compression=None,
+                                           open_timeout=20)
+        opening = await asyncio.wait_for(self.ws.recv(), 20)
+        assert opening.startswith("0{"), opening
+        self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
 
     async def _read(self) -> None:
         prefix = f"42{self.namespace},"
         try:
             async for message in self.ws:
+                self.frames.append(message)
+                self._changed.set()
                 if message == "2":
                     await self.ws.send("3")
                 elif isinstance(message, str) and message.startswith(prefix):
@@ -77,6 +92,10 @@ class RawSocket:
 
     async def send_raw(self, text: str | bytes) -> None:
         await self.ws.send(text)
+
+    async def send_text_bytes(self, data: bytes) -> None:
+        """A text frame holding exactly these bytes, valid UTF-8 or not."""
+        await self.ws.send(data, text=True)
 
     def kill(self) -> None:
         """Drop the TCP connection without a WebSocket close or a Socket.IO disconnect."""
