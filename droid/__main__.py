@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -16,6 +17,10 @@ async def serve(config) -> None:
 
     droid = await make_app(config)
     await droid.start()
+    # What start-up built lives as long as the process: take it out of the collector's view,
+    # so that full collections (connection storms) do not walk it again and again.
+    gc.collect()
+    gc.freeze()
     if not config.mongodb_uri:
         log.warning("MONGODB_URI is not set: using the embedded in-memory database; "
                     "nothing persists across restarts")

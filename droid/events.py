@@ -164,7 +164,7 @@ class SocketState:
     def __init__(self, user_id: str, expires_at: float) -> None:
         self.user_id = user_id
         self.expires_at = expires_at
-        self.expiry: asyncio.Task | None = None
+        self.expiry: asyncio.TimerHandle | None = None
         self.limiter = RateLimiter()
         self.subscribed = True
 
@@ -333,15 +333,18 @@ class EventsGateway:
     # token expiry ----------------------------------------------------------------------------
 
     def _schedule_expiry(self, sid: str, state: SocketState) -> None:
+        # A timer, not a sleeping task: one per socket, and a task costs a kilobyte more.
         if state.expiry is not None:
             state.expiry.cancel()
-        state.expiry = self._spawn(self._expire(sid, state, state.expires_at - time.time()))
+        state.expiry = asyncio.get_running_loop().call_later(
+            max(0.0, state.expires_at - time.time()), self._expired, sid, state)
 
-    async def _expire(self, sid: str, state: SocketState, delay: float) -> None:
-        await asyncio.sleep(max(0.0, delay))
-        if self.sockets.get(sid) is not state:
-            return
-        state.expiry = None  # done: the disconnect below must not cancel this very task
+    def _expired(self, sid: str, state: SocketState) -> None:
+        state.expiry = None
+        if self.sockets.get(sid) is state:
+            self._spawn(self._expire(sid))
+
+    async def _expire(self, sid: str) -> None:
         gateway_log.info("client %s: token expired, disconnecting", sid)
         await self.sio.emit("auth.expired", {"timestamp": now_iso(), "message": "Token expired"},
                             to=sid, namespace=NAMESPACE)
