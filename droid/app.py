@@ -20,6 +20,7 @@ from .auth import Passwords, Tokens
 from .config import Config
 from .delivery import Delivery, websocket_handler
 from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence
+from .guard import GuardedServer, guard_frames
 from .handlers.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler,
                            RegisterHandler, TaskHandler, TasksHandler)
 from .handlers.base import NotFoundHandler
@@ -55,7 +56,8 @@ def socketio_handler(sio: socketio.AsyncServer, delivery: Delivery, compression:
     """python-engineio's Tornado handler, with per-message deflate made optional (off by default:
     it costs memory and CPU per socket, and OWASP advises against it), and its WebSocket
     connections known to the app, which closes them at shutdown."""
-    base = websocket_handler(socketio.get_tornado_handler(sio), delivery, compression=compression)
+    base = websocket_handler(guard_frames(socketio.get_tornado_handler(sio)), delivery,
+                             compression=compression)
 
     class Handler(base):  # type: ignore[misc, valid-type]
         live: set = set()  # open WebSocket connections of this app, closed at shutdown
@@ -151,7 +153,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         from .cluster import make_manager, make_redis, redis_tls_verify
         redis = make_redis(config.redis_url, tls_verify=redis_tls_verify(config))
         manager = make_manager(config, redis)
-    sio = socketio.AsyncServer(
+    sio = GuardedServer(
         async_mode="tornado", client_manager=manager, namespaces="*",
         cors_allowed_origins="*" if config.cors_any else list(config.cors_origins),
         max_http_buffer_size=MAX_PACKET, json=OrjsonModule, ping_interval=25, ping_timeout=20,
@@ -165,6 +167,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         presence = LocalPresence()
     tokens = Tokens(config)
     events = EventsService(sio, store, metrics, relay=manager)
+    sio.close_transport = events.delivery.close_websocket
     if manager is not None:
         manager.on_envelope = events.receive
         manager.on_resubscribed = events.delivery.catch_up

@@ -356,6 +356,12 @@ class Delivery:
                 return
             await asyncio.sleep(0.005)
 
+    def close_websocket(self, eio_sid: str) -> None:
+        """Close the WebSocket of an Engine.IO session, if it has one open."""
+        handler = self._websocket(eio_sid)
+        if getattr(handler, "ws_connection", None) is not None:
+            handler.close(1008)
+
     def _websocket(self, eio_sid: str) -> Any:
         handler = self.websockets.get(eio_sid)
         if handler is None:

@@ -370,7 +370,7 @@ class EventsGateway:
         await self.sio.emit(event, payload, to=sid, namespace=NAMESPACE)
         return payload
 
-    async def on_ping(self, sid: str, data: Any = None) -> dict | None:
+    async def on_ping(self, sid: str, data: Any = None, *_: Any) -> dict | None:
         if await self._admit(sid) is None:
             return None
         message = data.get("message") if isinstance(data, dict) else None
@@ -379,7 +379,7 @@ class EventsGateway:
         return await self._answer(sid, "pong", {"timestamp": now_iso(), "clientId": sid,
                                                 "message": (message or "pong")[:1000]})
 
-    async def on_subscribe(self, sid: str, data: Any = None) -> dict | None:
+    async def on_subscribe(self, sid: str, data: Any = None, *_: Any) -> dict | None:
         state = await self._admit(sid)
         if state is None:
             return None
@@ -390,7 +390,7 @@ class EventsGateway:
             "userId": state.user_id, "timestamp": now_iso(),
             "message": "Successfully subscribed to task updates"})
 
-    async def on_unsubscribe(self, sid: str, data: Any = None) -> dict | None:
+    async def on_unsubscribe(self, sid: str, data: Any = None, *_: Any) -> dict | None:
         state = await self._admit(sid)
         if state is None:
             return None
@@ -400,7 +400,7 @@ class EventsGateway:
             "userId": state.user_id, "timestamp": now_iso(),
             "message": "Successfully unsubscribed from task updates"})
 
-    async def on_refresh(self, sid: str, data: Any = None) -> dict | None:
+    async def on_refresh(self, sid: str, data: Any = None, *_: Any) -> dict | None:
         state = await self._admit(sid)
         if state is None:
             return None
