@@ -32,6 +32,7 @@ import logging
 import struct
 from typing import Any, Callable
 
+import engineio
 import engineio.packet
 from tornado.iostream import StreamClosedError
 
@@ -413,13 +414,117 @@ class Delivery:
             await asyncio.wait(list(self._tasks), timeout=5)
 
 
-def _writer_idle(queue: asyncio.Queue) -> bool:
+def _writer_idle(queue: Any) -> bool:
     """True when python-engineio's writer waits in queue.get() with nothing in hand.
 
     While it is still writing a batch (or between two batches) anything written around it
     could overtake what it holds; then the queue is the only safe way in.
     """
-    return any(not getter.done() for getter in queue._getters)  # type: ignore[attr-defined]
+    return queue.waiting()
+
+
+class LeanQueue:
+    """What python-engineio and its Tornado driver use of asyncio.Queue (unbounded), in a tenth
+    of the memory: two of these per socket, where an asyncio.Queue allocates four deques and an
+    Event up front (about 3.3 KB each, measured with tracemalloc). Items live in a list while
+    there are any; waiters are futures, woken one per item, in order."""
+
+    __slots__ = ("_items", "_head", "_getters", "_unfinished", "_finished")
+
+    def __init__(self) -> None:
+        self._items: list | None = None
+        self._head = 0
+        self._getters: list[asyncio.Future] | None = None
+        self._unfinished = 0
+        self._finished: asyncio.Event | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) - self._head if self._items else 0
+
+    def empty(self) -> bool:
+        return not self.qsize()
+
+    def waiting(self) -> bool:
+        """True when a consumer waits in get() and nothing wakes it yet."""
+        return bool(self._getters) and any(not g.done() for g in self._getters)
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = []
+        self._items.append(item)
+        self._unfinished += 1
+        if self._finished is not None:
+            self._finished.clear()
+        getters = self._getters
+        while getters:
+            getter = getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                break
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        items = self._items
+        if not items:
+            raise asyncio.QueueEmpty
+        item = items[self._head]
+        items[self._head] = None
+        self._head += 1
+        if self._head == len(items):
+            self._items, self._head = None, 0
+        elif self._head > 64 and self._head * 2 > len(items):
+            del items[:self._head]
+            self._head = 0
+        return item
+
+    async def get(self) -> Any:
+        while self.empty():
+            getter = asyncio.get_running_loop().create_future()
+            if self._getters is None:
+                self._getters = []
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                if self._getters and getter in self._getters:
+                    self._getters.remove(getter)
+                if not self.empty() and not getter.cancelled():
+                    self._wake_next()
+                raise
+            if not self._getters:
+                self._getters = None
+        return self.get_nowait()
+
+    def _wake_next(self) -> None:
+        while self._getters:
+            getter = self._getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+    def task_done(self) -> None:
+        if self._unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._unfinished -= 1
+        if self._unfinished == 0 and self._finished is not None:
+            self._finished.set()
+
+    async def join(self) -> None:
+        if self._unfinished:
+            if self._finished is None:
+                self._finished = asyncio.Event()
+            await self._finished.wait()
+
+
+class EngineServer(engineio.AsyncServer):
+    """python-engineio's server with a LeanQueue per socket (`create_queue` is its public hook
+    for the queue each socket gets)."""
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
+        return LeanQueue() if not args and not kwargs else super().create_queue(*args, **kwargs)
 
 
 def websocket_handler(base: type, delivery: Delivery, *, compression: bool) -> type:
@@ -432,6 +537,10 @@ def websocket_handler(base: type, delivery: Delivery, *, compression: bool) -> t
     class Handler(base):  # type: ignore[misc, valid-type]
         unwritten = 0
         upgraded_sid: str | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.receive_queue = LeanQueue()
 
         def get_compression_options(self) -> dict | None:
             return {} if compression else None

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import socketio
 from socketio import packet as sio_packet
 
+from .delivery import EngineServer
+
 log = logging.getLogger("droid.guard")
 
 _CLIENT_PACKETS = frozenset("0123")  # CONNECT, DISCONNECT, EVENT, ACK
@@ -71,6 +73,9 @@ class GuardedServer(socketio.AsyncServer):
     # Set when wiring the app: closes the client's WebSocket, if it has one (ending the
     # Engine.IO session alone leaves it open until the ping timeout).
     close_transport: Callable[[str], None] | None = None
+
+    def _engineio_server_class(self) -> type:
+        return EngineServer
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         why = refusal(data)
