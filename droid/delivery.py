@@ -24,6 +24,10 @@ python-engineio's own queue, behind what is already there.
 **Bounds.** A socket with more than `max_backlog` messages not yet written (in python-engineio's
 queue, in Tornado's write buffer through python-engineio, or written here) is disconnected
 rather than buffered without bound; the client can come back and resume with `lastSeq`.
+
+**Memory.** `EngineServer` gives each Engine.IO socket a `LeanQueue` through python-engineio's
+`create_queue` hook, and `websocket_handler` gives the Tornado driver's receive queue one too:
+two asyncio.Queues per socket cost about 6 KB of the 43 KB an idle socket took.
 """
 from __future__ import annotations
 
