@@ -355,7 +355,7 @@ class Profiler:
 
     def hook(self, server: Server, tag: str) -> Any:
         def on_phase(phase: str) -> None:
-            seconds = {"fanout": self.seconds, "e2e-throughput": 15, "connect": 3}.get(phase)
+            seconds = {"fanout": self.seconds, "e2e-throughput": 15, "connect": 8}.get(phase)
             if server.kind != "droid" or seconds is None:
                 return
             out = self.out_dir / f"{tag}-{phase}.{self.fmt[1]}"

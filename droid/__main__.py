@@ -21,6 +21,7 @@ async def serve(config) -> None:
     # so that full collections (connection storms) do not walk it again and again.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(10_000, 50, 50)
     if not config.mongodb_uri:
         log.warning("MONGODB_URI is not set: using the embedded in-memory database; "
                     "nothing persists across restarts")
