@@ -1,7 +1,9 @@
 """Delivery of task envelopes to this process's /events sockets: in order, exactly once, fast.
 
-The one place that goes under python-socketio. Everything else the namespace sends (`connected`,
-`pong`, `connections.count`, ...) goes through python-socketio as usual.
+The one place that goes under python-socketio. The gateway's own events (`connected`, `pong`,
+`resync`, ...) are written here too (`send`); `connections.count` (a room emit that python-socketio's
+Redis manager fans out) and python-socketio's own packets (CONNECT answers, acks, DISCONNECT) go
+through python-socketio.
 
 **Order and exactly-once.** Every subscribed socket has an Outbox holding the next `seq` its
 client expects. An envelope is written when it is that one; an older one (already sent by a
@@ -52,17 +54,16 @@ DRAIN_TIMEOUT_S = 30.0
 
 
 class Frames:
-    """An envelope as the two Socket.IO EVENT packets that carry it (the specific event, then
-    `task.event`), encoded once for every socket and transport: the JSON of the envelope is
-    built once, and so are the WebSocket frames, back to back in one buffer."""
+    """Socket.IO EVENT packets carrying one payload, encoded once for every socket and
+    transport: the JSON of the payload is built once, and so are the WebSocket frames, back to
+    back in one buffer. An envelope goes out as two: its specific event, then `task.event`."""
 
-    __slots__ = ("texts", "ws_bytes", "_packets")
+    __slots__ = ("texts", "count", "ws_bytes", "_packets")
 
-    count = 2
-
-    def __init__(self, namespace: str, event: str, envelope: dict) -> None:
-        head, body = b"2" + namespace.encode() + b",[", b"," + dumps(envelope) + b"]"
-        self.texts = (head + dumps(event) + body, head + b'"task.event"' + body)
+    def __init__(self, namespace: str, events: tuple[str, ...], payload: dict) -> None:
+        head, body = b"2" + namespace.encode() + b",[", b"," + dumps(payload) + b"]"
+        self.texts = tuple(head + dumps(event) + body for event in events)
+        self.count = len(self.texts)
         self.ws_bytes = b"".join(_ws_frame(b"4" + text) for text in self.texts)
         self._packets: tuple[engineio.packet.Packet, ...] | None = None
 
@@ -102,7 +103,7 @@ class Outbox:
         self.held: dict[int, Frames] = {}
         self.replaying = False
         self.subscribed = False
-        self.direct = 0              # frames written straight to the stream since it drained
+        self.direct = 0              # messages written straight to the stream since it drained
         self.gap_task: asyncio.Task | None = None
         self.attaching: asyncio.Lock | None = None
 
@@ -213,7 +214,14 @@ class Delivery:
     # envelopes -------------------------------------------------------------------------------
 
     def frames(self, event: str, envelope: dict) -> Frames:
-        return Frames(self.namespace, event, envelope)
+        return Frames(self.namespace, (event, "task.event"), envelope)
+
+    def send(self, sid: str, event: str, payload: dict) -> None:
+        """One event (not an envelope) to one socket of this process, in order with the rest."""
+        box = self.outboxes.get(sid)
+        if box is not None:
+            self._write(box, Frames(self.namespace, (event,), payload))
+            self._shed_laggards()
 
     def deliver(self, user_id: str, event: str, envelope: dict) -> int:
         """Hand one envelope to every local socket of its user; returns how many wrote it."""

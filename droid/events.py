@@ -293,9 +293,9 @@ class EventsGateway:
             await self.sio.enter_room(sid, presence_room(user_id), namespace=NAMESPACE)
             if last_seq is None:
                 await self._attach(sid, state, None)  # in the room before `connected`
-            await self.sio.emit("connected", {"clientId": sid, "userId": user_id,
-                                              "timestamp": now_iso(), "message": CONNECTED_MESSAGE},
-                                to=sid, namespace=NAMESPACE)
+            self.events.delivery.send(sid, "connected", {
+                "clientId": sid, "userId": user_id, "timestamp": now_iso(),
+                "message": CONNECTED_MESSAGE})
             if last_seq is not None:
                 await self._attach(sid, state, last_seq)
             await self._send_count(user_id)
@@ -326,7 +326,7 @@ class EventsGateway:
         if oldest is not None:
             gateway_log.info("client %s: seq %d is no longer kept; resync from %d", sid,
                              last_seq, oldest)
-            await self.sio.emit("resync", {"oldestSeq": oldest}, to=sid, namespace=NAMESPACE)
+            self.events.delivery.send(sid, "resync", {"oldestSeq": oldest})
         if not state.subscribed:  # unsubscribed meanwhile
             self.events.delivery.detach(sid)
 
@@ -346,8 +346,8 @@ class EventsGateway:
 
     async def _expire(self, sid: str) -> None:
         gateway_log.info("client %s: token expired, disconnecting", sid)
-        await self.sio.emit("auth.expired", {"timestamp": now_iso(), "message": "Token expired"},
-                            to=sid, namespace=NAMESPACE)
+        self.events.delivery.send(sid, "auth.expired", {"timestamp": now_iso(),
+                                                        "message": "Token expired"})
         await self.sio.disconnect(sid, namespace=NAMESPACE)
 
     # client events ---------------------------------------------------------------------------
@@ -362,12 +362,11 @@ class EventsGateway:
         if now - state.limiter.warned_at >= 1.0:  # one answer a second, not one per event
             state.limiter.warned_at = now
             gateway_log.info("client %s: rate limit exceeded", sid)
-            await self.sio.emit("error", {"message": "Rate limit exceeded"}, to=sid,
-                                namespace=NAMESPACE)
+            self.events.delivery.send(sid, "error", {"message": "Rate limit exceeded"})
         return None
 
     async def _answer(self, sid: str, event: str, payload: dict) -> dict:
-        await self.sio.emit(event, payload, to=sid, namespace=NAMESPACE)
+        self.events.delivery.send(sid, event, payload)
         return payload
 
     async def on_ping(self, sid: str, data: Any = None, *_: Any) -> dict | None:
