@@ -261,6 +261,9 @@ class EventsGateway:
         raise socketio.exceptions.ConnectionRefusedError("Invalid namespace")
 
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
+        # python-engineio keeps the handshake's environ for the socket's life; its `wsgi.input`
+        # is an instance of a class defined per request (2.5 KB), which nothing reads again.
+        environ.pop("wsgi.input", None)
         try:
             identity = self.tokens.verify(_token_from(environ, auth))
         except AuthError as exc:
