@@ -16,7 +16,8 @@ background task. Droid has no binary events and needs nothing but the four clien
   every Socket.IO packet, long-polling included) refuses binary data, undecodable packets, and
   EVENTs that are not a list starting with an event name, and turns any exception of the
   dispatch into a disconnect. It overrides a private method of python-socketio: setup.cfg pins
-  python-socketio below 6.
+  python-socketio below 6. Being Droid's one AsyncServer subclass, it is also where python-engineio
+  is given `delivery.EngineServer` (lean per-socket queues).
 """
 from __future__ import annotations
 
