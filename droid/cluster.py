@@ -32,7 +32,6 @@ fan-out and keys that expire for the connection counts.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from typing import Any, AsyncIterator, Iterable
 
@@ -43,7 +42,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .events import NAMESPACE, presence_room
+from .events import NAMESPACE, LocalPresence, presence_room
 from .util import dumps, loads
 
 log = logging.getLogger("droid.cluster")
@@ -461,7 +460,7 @@ return n
 """
 
 
-class RedisPresence:
+class RedisPresence(LocalPresence):
     """Each user's live sockets over every process (LocalPresence's interface; see module doc).
 
     `add`/`remove` return the user's count over all processes after the change, as the gateway
@@ -471,6 +470,7 @@ class RedisPresence:
 
     def __init__(self, redis: aioredis.Redis, instance_id: str, *, sio: Any = None,
                  ttl_s: float = DEFAULT_PRESENCE_TTL_S, prefix: str = "droid") -> None:
+        super().__init__()  # this process's sockets, by user
         self.redis = redis
         self.instance_id = instance_id
         self.sio = sio
@@ -480,7 +480,6 @@ class RedisPresence:
         self._instances = f"{prefix}:instances"
         self._prefix = f"{prefix}:presence:"
         self._hash = self._prefix + instance_id
-        self._sockets: dict[str, set[str]] = collections.defaultdict(set)
         self._lock = asyncio.Lock()
         self._outage = _Outage("connection counts", "counting this process's sockets only")
         self._registered_once = False
@@ -494,15 +493,11 @@ class RedisPresence:
     # the gateway's interface -----------------------------------------------------------------
 
     async def add(self, user_id: str, sid: str) -> int:
-        self._sockets[user_id].add(sid)
+        await super().add(user_id, sid)
         return await self._write(user_id)
 
     async def remove(self, user_id: str, sid: str) -> int:
-        sids = self._sockets.get(user_id)
-        if sids is not None:
-            sids.discard(sid)
-            if not sids:
-                del self._sockets[user_id]
+        await super().remove(user_id, sid)
         return await self._write(user_id)
 
     async def count(self, user_id: str) -> int:
@@ -523,7 +518,7 @@ class RedisPresence:
                 return int(await self._total_script(keys=[self._instances], args=[self._prefix]))
             except UNAVAILABLE as exc:
                 self._outage.failed(exc)
-        return sum(len(s) for s in self._sockets.values())
+        return await super().total()
 
     async def start(self) -> None:
         """Register this process, then heartbeat every ttl_s / 3 seconds."""

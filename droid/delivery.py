@@ -223,27 +223,24 @@ class Delivery:
             self._write(box, Frames(self.namespace, (event,), payload))
             self._shed_laggards()
 
-    def deliver(self, user_id: str, event: str, envelope: dict) -> int:
-        """Hand one envelope to every local socket of its user; returns how many wrote it."""
+    def deliver(self, user_id: str, event: str, envelope: dict) -> None:
+        """Hand one envelope to every local socket of its user."""
         boxes = self.by_user.get(user_id)
         if not boxes:
-            return 0
+            return
         frames = self.frames(event, envelope)
         seq = envelope.get("seq")
-        sent = 0
         for box in list(boxes.values()):
             if not box.subscribed:
                 continue
             if seq is None:  # live-only (task.progress): no place in the order to keep
                 if not box.replaying:
                     self._write(box, frames)
-                    sent += 1
             elif seq < box.next_seq:
                 continue  # sent already, by a replay or from another process
             elif seq == box.next_seq and not box.replaying:
                 self._write(box, frames)
                 box.next_seq += 1
-                sent += 1
                 if box.held:
                     self._release(box)
             else:
@@ -251,14 +248,11 @@ class Delivery:
                 if not box.replaying:
                     self._watch_gap(box)
         self._shed_laggards()
-        return sent
 
     def catch_up(self) -> None:
         """Look in the store for envelopes this process may have missed (Redis was away)."""
-        for boxes in list(self.by_user.values()):
-            box = next(iter(boxes.values()), None)
-            if box is not None:
-                self._spawn(self._catch_up(box.user_id))
+        for user_id in list(self.by_user):
+            self._spawn(self._catch_up(user_id))
 
     async def _catch_up(self, user_id: str) -> None:
         boxes = [b for b in self.by_user.get(user_id, {}).values() if b.subscribed]
@@ -339,23 +333,18 @@ class Delivery:
             except StreamClosedError:
                 return  # the client is gone; its disconnect is on its way
             box.direct += frames.count
-            backlog = box.direct + getattr(handler, "unwritten", 0)
         else:
             for packet in frames.packets:
                 queue.put_nowait(packet)
-            backlog = queued + frames.count + box.direct + getattr(handler, "unwritten", 0)
-        if backlog > self.max_backlog:
+        if _pending(box, sock, handler, conn) > self.max_backlog:
             self._shed.append(box)
 
     def _backlog(self, box: Outbox) -> int:
-        """Messages written to the socket that have not left the process yet."""
         sock = self.sio.eio.sockets.get(box.eio_sid)
         if sock is None or sock.closed:
             return 0
         handler = self._websocket(box.eio_sid) if sock.upgraded else None
-        conn = getattr(handler, "ws_connection", None)
-        direct = box.direct if conn is not None and conn.stream._write_buffer else 0
-        return sock.queue.qsize() + direct + getattr(handler, "unwritten", 0)
+        return _pending(box, sock, handler, getattr(handler, "ws_connection", None))
 
     async def _drain(self, box: Outbox) -> None:
         """Wait until a replay's backlog is down to a quarter of the bound, so that a long
@@ -424,6 +413,13 @@ class Delivery:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+
+
+def _pending(box: Outbox, sock: Any, handler: Any, conn: Any) -> int:
+    """Messages written to a socket that have not left the process yet: in python-engineio's
+    queue, in Tornado's buffer through python-engineio, and written here still in that buffer."""
+    direct = box.direct if conn is not None and conn.stream._write_buffer else 0
+    return sock.queue.qsize() + direct + getattr(handler, "unwritten", 0)
 
 
 def _writer_idle(queue: Any) -> bool:
