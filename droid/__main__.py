@@ -4,17 +4,32 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, keep_generated_secret, load_config
 
 log = logging.getLogger("droid")
+
+
+def describe_storage(config) -> None:
+    """Say first where the data lives (and whether it survives a restart)."""
+    if config.mongodb_uri:
+        log.info("storing data in MongoDB (database %s)", config.mongodb_db)
+    elif config.data_dir == ":memory:":
+        log.warning("DROID_DATA_DIR=:memory: storing data in memory; nothing persists "
+                    "across restarts")
+    else:
+        log.info("MONGODB_URI is not set: storing data in SQLite at %s (DROID_DATA_DIR)",
+                 os.path.abspath(config.sqlite_path))
 
 
 async def serve(config) -> None:
     from .app import make_app
 
+    describe_storage(config)
+    config = keep_generated_secret(config)
     droid = await make_app(config)
     await droid.start()
     # What start-up built lives as long as the process: take it out of the collector's view,
@@ -22,12 +37,13 @@ async def serve(config) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 50, 50)
-    if not config.mongodb_uri:
-        log.warning("MONGODB_URI is not set: using the embedded in-memory database; "
-                    "nothing persists across restarts")
     if config.jwt_secret_generated and not config.jwt_public_key:
-        log.warning("JWT_SECRET is not set: using a random key for this process; tokens die "
-                    "with it (development only)")
+        if config.jwt_secret_kept:
+            log.warning("JWT_SECRET is not set: using a random key kept in %s (development "
+                        "only; set JWT_SECRET in production)", config.jwt_secret_kept)
+        else:
+            log.warning("JWT_SECRET is not set: using a random key for this process; tokens "
+                        "die with it (development only)")
     if not config.llm_base_url:
         log.info("LLM_BASE_URL is not set: tasks run on the built-in demo agent")
     if config.redis_url:

@@ -25,11 +25,12 @@ from .handlers.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler
                            RegisterHandler, TaskHandler, TasksHandler)
 from .handlers.base import NotFoundHandler
 from .handlers.events import EventsHandler, EventStreamHandler
-from .handlers.system import HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler
+from .handlers.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler,
+                              StaticHandler)
 from .llm import make_provider
 from .metrics import Metrics
 from .openapi import build_openapi
-from .store import Store, open_client
+from .store import Store, store_from_config
 from .tasks import TaskService
 from .util import OrjsonModule
 from .worker import Worker
@@ -48,7 +49,18 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
           1000 * handler.request.request_time())
 
 
-STATIC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+def static_path() -> str:
+    """The demo page's folder: droid/static in an installed package (setup.cfg ships the
+    repository's static/ there), else static/ beside droid/ (a source tree, an editable
+    install). Found from this file, never from the working directory."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(package, "static"),
+                   os.path.join(os.path.dirname(package), "static")):
+        if os.path.isfile(os.path.join(folder, "index.html")):
+            return folder
+    raise RuntimeError(f"the demo page is missing: no static/index.html in or beside {package}")
+
+
 MAX_PACKET = 64 * 1024
 
 
@@ -78,7 +90,8 @@ class Droid:
 
     def __init__(self, config: Config, *, store: Store, sio: socketio.AsyncServer,
                  application: tornado.web.Application, worker: Worker, gateway: EventsGateway,
-                 tasks: TaskService, presence: Any, redis: Any = None) -> None:
+                 tasks: TaskService, presence: Any, redis: Any = None,
+                 owns_store: bool = True) -> None:
         self.config = config
         self.store = store
         self.sio = sio
@@ -88,6 +101,7 @@ class Droid:
         self.tasks = tasks
         self.presence = presence
         self.redis = redis
+        self.owns_store = owns_store
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self._stopped = False
@@ -133,19 +147,20 @@ class Droid:
             await self.server.close_all_connections()
         if self.redis is not None:
             await self.redis.aclose()
-        await self.store.close()
+        if self.owns_store:
+            await self.store.close()
 
 
 async def make_app(config: Config, *, store: Store | None = None, provider: Any = None) -> Droid:
     """Build a Droid from its configuration. Call inside the event loop that will run it.
 
-    `store` lets several instances share one database (tests); `provider` replaces the LLM
-    provider chosen from the configuration.
+    `store` lets several instances share one store object (tests; the caller closes it);
+    `provider` replaces the LLM provider chosen from the configuration.
     """
+    owns_store = store is None
     if store is None:
-        store = Store(open_client(config.mongodb_uri), config.mongodb_db,
-                      event_retention_s=config.event_retention_s)
-    await store.ensure_indexes()
+        store = store_from_config(config)
+    await store.open()
     metrics = Metrics()
     redis = None
     manager = None
@@ -186,7 +201,8 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     settings: dict[str, Any] = dict(
         config=config, store=store, tokens=tokens, passwords=Passwords(), task_service=tasks,
         agent_service=agents, events_service=events, gateway=gateway, metrics=metrics,
-        version=__version__, openapi=build_openapi(__version__), static_path=STATIC_PATH,
+        version=__version__, openapi=build_openapi(__version__), static_path=static_path(),
+        static_handler_class=StaticHandler,
         default_handler_class=NotFoundHandler, log_function=log_request, websocket_max_message_size=MAX_PACKET,
         redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
     )
@@ -209,7 +225,8 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     ]
     application = tornado.web.Application(routes, ws_handler=ws_handler, **settings)
     return Droid(config, store=store, sio=sio, application=application, worker=worker,
-                 gateway=gateway, tasks=tasks, presence=presence, redis=redis)
+                 gateway=gateway, tasks=tasks, presence=presence, redis=redis,
+                 owns_store=owns_store)
 
 
 async def _redis_ok(redis: Any) -> bool:

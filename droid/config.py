@@ -21,8 +21,10 @@ class Config:
     env: str = "development"
     mongodb_uri: str | None = None
     mongodb_db: str = "droid"
+    data_dir: str = "droid-data"
     jwt_secret: str = ""
     jwt_secret_generated: bool = False
+    jwt_secret_kept: str | None = None  # the file a generated key is kept in (development)
     jwt_public_key: str | None = None
     jwt_expires_in: int = 3600
     jwt_issuer: str | None = None
@@ -32,6 +34,7 @@ class Config:
     llm_base_url: str | None = None
     llm_api_key: str | None = None
     llm_model: str | None = None
+    metrics_token: str | None = None
     worker_concurrency: int = 4
     task_max_retries: int = 2
     task_timeout_s: float = 120.0
@@ -51,6 +54,13 @@ class Config:
     @property
     def production(self) -> bool:
         return self.env == "production"
+
+    @property
+    def sqlite_path(self) -> str:
+        """The embedded database's file (used when MONGODB_URI is unset), or `:memory:`."""
+        if self.data_dir == ":memory:":
+            return ":memory:"
+        return os.path.join(self.data_dir, "droid.sqlite3")
 
     @property
     def cors_any(self) -> bool:
@@ -139,6 +149,14 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
     _check_url("REDIS_URL", redis_url, ("redis", "rediss", "unix"))
     llm_base_url = _opt(env, "LLM_BASE_URL")
     _check_url("LLM_BASE_URL", llm_base_url, ("http", "https"))
+    # The default agent (every task without agentId) runs on LLM_MODEL: without it every such
+    # task would fail, so the mistake is reported at start-up rather than once per task.
+    if llm_base_url and not _opt(env, "LLM_MODEL"):
+        raise ConfigError("LLM_BASE_URL is set but LLM_MODEL is not: set LLM_MODEL to the model "
+                          "the default agent runs on")
+    metrics_token = _opt(env, "METRICS_TOKEN")
+    if metrics_token is not None and len(metrics_token.encode()) < 16:
+        raise ConfigError("METRICS_TOKEN must be at least 16 bytes")
 
     jwt_secret = _opt(env, "JWT_SECRET")
     jwt_public_key = _opt(env, "JWT_PUBLIC_KEY")
@@ -167,6 +185,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         env=droid_env,
         mongodb_uri=mongodb_uri,
         mongodb_db=_opt(env, "MONGODB_DB") or _db_from_uri(mongodb_uri) or "droid",
+        data_dir=_opt(env, "DROID_DATA_DIR") or "droid-data",
         jwt_secret=jwt_secret or secrets.token_urlsafe(48),
         jwt_secret_generated=jwt_secret is None,
         jwt_public_key=jwt_public_key,
@@ -178,6 +197,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         llm_base_url=llm_base_url.rstrip("/") if llm_base_url else None,
         llm_api_key=_opt(env, "LLM_API_KEY"),
         llm_model=_opt(env, "LLM_MODEL"),
+        metrics_token=metrics_token,
         worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4, 0, 1000),
         task_max_retries=_int(env, "TASK_MAX_RETRIES", 2, 0, 100),
         task_timeout_s=_float(env, "TASK_TIMEOUT_S", 120.0, 0.001),
@@ -192,3 +212,26 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         redis_tls_verify=_bool(env, "REDIS_TLS_VERIFY", True),
         event_retention_s=_int(env, "DROID_EVENT_RETENTION_S", 48 * 3600, 86400),
     )
+
+
+def keep_generated_secret(config: Config) -> Config:
+    """In development without JWT_SECRET, keep the random key in the data folder, so that a
+    restart does not sign everyone out. Unchanged when a key is configured or nothing persists
+    (MONGODB_URI set, or DROID_DATA_DIR=:memory:)."""
+    if (not config.jwt_secret_generated or config.jwt_public_key or config.mongodb_uri
+            or config.data_dir == ":memory:"):
+        return config
+    path = os.path.join(config.data_dir, "jwt-secret")
+    os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+        if len(secret.encode()) < 32:
+            raise ConfigError(f"{path} holds no usable key: delete it or set JWT_SECRET") from None
+    else:
+        secret = config.jwt_secret
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(secret + "\n")
+    return dataclasses.replace(config, jwt_secret=secret, jwt_secret_kept=path)

@@ -10,10 +10,10 @@ import base64
 import binascii
 import datetime as dt
 import logging
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from .errors import Conflict, Invalid, NotFound
-from .store import ACTIVE, PRIORITY_RANK, Store
+from .store import PRIORITY_RANK, Store
 from .util import dumps, iso, loads, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -164,15 +164,7 @@ class TaskService:
         return task, True
 
     async def _claim_key(self, user_id: str, key: str, task_id: str, now: dt.datetime) -> str:
-        first = await self.store.remember_key(user_id, key, task_id, now)
-        if first == task_id:
-            return task_id
-        if await self.store.key_task(user_id, key, now - IDEMPOTENCY_WINDOW) is None:
-            # The key is older than the window but its document is not yet expired: reuse it.
-            await self.store.idempotency.update_one(
-                {"userId": user_id, "key": key}, {"$set": {"taskId": task_id, "createdAt": now}})
-            return task_id
-        return first
+        return await self.store.claim_key(user_id, key, task_id, now, now - IDEMPOTENCY_WINDOW)
 
     async def _await_task(self, user_id: str, task_id: str) -> dict:
         # A concurrent request with the same key may have reserved it a moment before inserting.
@@ -186,11 +178,8 @@ class TaskService:
     async def cancel(self, user_id: str, task_id: str) -> dict:
         """Cancel a pending or processing task; 404 when not the caller's, 409 when finished."""
         now = utcnow()
-        doc = await self._transition(
-            {"_id": task_id, "userId": user_id, "status": {"$in": list(ACTIVE)}},
-            {"$set": {"status": "cancelled", "updatedAt": now, "completedAt": now,
-                      "leaseOwner": None, "leaseExpiresAt": None}},
-            "task.cancelled")
+        doc = await self._transition(self.store.cancel_task(task_id, user_id, now),
+                                     "task.cancelled")
         if doc is None:
             existing = await self.store.task_by_id(task_id, user_id)
             if existing is None:
@@ -206,20 +195,13 @@ class TaskService:
         """Take the most urgent pending task that is due, under a lease; None when none is."""
         now = utcnow()
         lease_until = now + dt.timedelta(seconds=lease_s)
-        return await self._transition(
-            {"status": "pending", "runAfter": {"$lte": now}},
-            {"$set": {"status": "processing", "startedAt": now, "updatedAt": now,
-                      "leaseOwner": owner, "leaseExpiresAt": lease_until},
-             "$inc": {"attempt": 1}},
-            "task.processing", claim=True)
+        return await self._transition(self.store.claim_task(owner, now, lease_until),
+                                      "task.processing")
 
     async def renew(self, doc: dict, owner: str, lease_s: float) -> bool:
         """Extend the lease of a running attempt; False when the attempt is no longer ours."""
         until = utcnow() + dt.timedelta(seconds=lease_s)
-        updated = await self.store.update_task(
-            {"_id": doc["_id"], "status": "processing", "attempt": doc["attempt"],
-             "leaseOwner": owner}, {"$set": {"leaseExpiresAt": until}})
-        return updated is not None
+        return await self.store.renew_lease(doc["_id"], doc["attempt"], owner, until)
 
     async def progress(self, doc: dict, delta: str) -> None:
         """Publish a piece of a running attempt's answer (live only, not a change of state)."""
@@ -233,12 +215,11 @@ class TaskService:
     async def complete(self, doc: dict, *, response: str, tokens_used: int,
                        execution_time_ms: int) -> bool:
         now = utcnow()
-        return await self._transition(
-            self._attempt_query(doc),
-            {"$set": {"status": "completed", "response": response, "tokensUsed": tokens_used,
-                      "executionTimeMs": execution_time_ms, "error": None, "completedAt": now,
-                      "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None}},
-            "task.completed") is not None
+        return await self._end_attempt(
+            doc, "task.completed",
+            {"status": "completed", "response": response, "tokensUsed": tokens_used,
+             "executionTimeMs": execution_time_ms, "error": None, "completedAt": now,
+             "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None}) is not None
 
     async def fail_attempt(self, doc: dict, error: str, *, execution_time_ms: int | None = None,
                            retryable: bool = True) -> str | None:
@@ -251,33 +232,29 @@ class TaskService:
         retries = doc.get("retryCount", 0)
         if retryable and retries < self.max_retries:
             delay = self.retry_delay(retries)
-            updated = await self._transition(
-                self._attempt_query(doc),
-                {"$set": {"status": "pending", "error": error, "updatedAt": now,
-                          "runAfter": now + dt.timedelta(seconds=delay), "leaseOwner": None,
-                          "leaseExpiresAt": None, "executionTimeMs": execution_time_ms},
-                 "$inc": {"retryCount": 1}},
-                "task.pending")
+            updated = await self._end_attempt(
+                doc, "task.pending",
+                {"status": "pending", "error": error, "updatedAt": now,
+                 "runAfter": now + dt.timedelta(seconds=delay), "leaseOwner": None,
+                 "leaseExpiresAt": None, "executionTimeMs": execution_time_ms},
+                count_retry=True)
             if updated is None:
                 return None
             self._requeued(delay)
             return "pending"
-        updated = await self._transition(
-            self._attempt_query(doc),
-            {"$set": {"status": "failed", "error": error, "completedAt": now, "updatedAt": now,
-                      "leaseOwner": None, "leaseExpiresAt": None,
-                      "executionTimeMs": execution_time_ms}},
-            "task.failed")
+        updated = await self._end_attempt(
+            doc, "task.failed",
+            {"status": "failed", "error": error, "completedAt": now, "updatedAt": now,
+             "leaseOwner": None, "leaseExpiresAt": None, "executionTimeMs": execution_time_ms})
         return "failed" if updated is not None else None
 
     async def requeue(self, doc: dict) -> bool:
         """Give an interrupted attempt back (shutdown): pending again, no retry used."""
         now = utcnow()
-        updated = await self._transition(
-            self._attempt_query(doc),
-            {"$set": {"status": "pending", "updatedAt": now, "runAfter": now,
-                      "leaseOwner": None, "leaseExpiresAt": None}},
-            "task.pending")
+        updated = await self._end_attempt(
+            doc, "task.pending",
+            {"status": "pending", "updatedAt": now, "runAfter": now, "leaseOwner": None,
+             "leaseExpiresAt": None})
         if updated is None:
             return False
         self._requeued(0.0)
@@ -291,8 +268,7 @@ class TaskService:
         every process that runs it (a "poison" task) to TASK_MAX_RETRIES + 1 attempts, instead
         of taking down one worker after another forever.
         """
-        expired = await self.store.tasks_matching(
-            {"status": "processing", "leaseExpiresAt": {"$lt": utcnow()}})
+        expired = await self.store.expired_leases(utcnow())
         count = 0
         for doc in expired:
             if await self.fail_attempt(doc, LOST_WORKER) is not None:
@@ -307,16 +283,16 @@ class TaskService:
 
     # the one place a state changes -----------------------------------------------------------
 
-    @staticmethod
-    def _attempt_query(doc: dict) -> dict:
-        return {"_id": doc["_id"], "status": "processing", "attempt": doc["attempt"]}
+    def _end_attempt(self, doc: dict, event: str, fields: dict, *,
+                     count_retry: bool = False) -> Awaitable[dict | None]:
+        """Move attempt `doc` on, if it is still the task's current one."""
+        return self._transition(
+            self.store.update_attempt(doc["_id"], doc["attempt"], fields, count_retry=count_retry),
+            event)
 
-    async def _transition(self, query: dict, update: dict, event: str,
-                          claim: bool = False) -> dict | None:
-        if claim:
-            doc = await self.store.claim_task(query, update)
-        else:
-            doc = await self.store.update_task(query, update)
+    async def _transition(self, change: Awaitable[dict | None], event: str) -> dict | None:
+        """Apply one atomic change of state in the store, then publish what it became."""
+        doc = await change
         if doc is not None:
             await self._publish(doc["userId"], event, task_json(doc))
         return doc

@@ -1,15 +1,17 @@
 """Shared fixtures: real Droid servers on ephemeral ports, real HTTP and Socket.IO clients.
 
-The database is the embedded engine, or a real MongoDB when DROID_TEST_MONGODB_URI is set (each
-test then gets its own database, dropped afterwards).
+The database is the embedded SQLite store in a file of the test's temporary folder, or a real
+MongoDB when DROID_TEST_MONGODB_URI is set (each test then gets its own database, dropped
+afterwards).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import pytest_asyncio
@@ -19,8 +21,12 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from droid.app import Droid, make_app
 from droid.config import load_config
-from droid.store import Store, open_client
+from droid.store import Store
+from droid.store.mongo import MongoStore
+from droid.store.sqlite import SqliteStore
 from droid.util import dumps, loads
+
+import mongo_server
 
 TEST_SECRET = "test-secret-that-is-at-least-32-bytes-long!"
 ISO_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
@@ -35,17 +41,31 @@ def make_config(**env: Any):
     return load_config(base, dotenv_path=None)
 
 
+@pytest.fixture(scope="session")
+def mongo_uri() -> Iterator[str]:
+    """A MongoDB server for the session: DROID_TEST_MONGODB_URI, else a SecantusDB process
+    (tests/mongo_server.py). Fails, never skips, when SecantusDB is not installed."""
+    with contextlib.ExitStack() as stack:
+        try:
+            uri = stack.enter_context(mongo_server.mongodb_uri())
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield uri
+
+
 @pytest_asyncio.fixture
-async def shared_store() -> AsyncIterator[Store]:
+async def shared_store(tmp_path) -> AsyncIterator[Store]:
     """One database for every app of a test (apps are given it and do not close it)."""
     uri = os.environ.get("DROID_TEST_MONGODB_URI")
-    client = open_client(uri)
-    name = f"droid_test_{uuid.uuid4().hex[:12]}"
-    store = Store(client, name, owns_client=False)
+    if uri:
+        store: Store = MongoStore(uri, f"droid_test_{uuid.uuid4().hex[:12]}")
+    else:
+        store = SqliteStore(str(tmp_path / "droid.sqlite3"))
+    await store.open()
     yield store
     if uri:
-        await client.drop_database(name)
-        await client.close()
+        await store.drop()
+    await store.close()
 
 
 @pytest_asyncio.fixture

@@ -136,7 +136,7 @@ async def test_subscribe_replay_while_publishing_has_no_gap_and_no_duplicate(dro
 async def test_resync_when_last_seq_is_older_than_what_is_kept(droid, listen):
     user = str(uuid.uuid4())
     await publish(droid, user, 10)
-    await droid.store.events.delete_many({"userId": user, "seq": {"$lte": 5}})
+    await droid.store.delete_events(user, 5)
 
     stale = await resume(listen, droid, user, 2)
     assert await stale.next("resync") == {"oldestSeq": 6}
@@ -156,7 +156,7 @@ async def test_resync_when_last_seq_is_older_than_what_is_kept(droid, listen):
 async def test_resync_when_nothing_is_kept_any_more(droid, listen):
     user = str(uuid.uuid4())
     await publish(droid, user, 4)
-    await droid.store.events.delete_many({"userId": user})
+    await droid.store.delete_events(user)
     tab = await resume(listen, droid, user, 1)
     assert await tab.next("resync") == {"oldestSeq": 5}
     await publish(droid, user, 1, start=4)

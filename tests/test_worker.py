@@ -582,10 +582,9 @@ async def test_lost_attempt_with_no_retries_left_fails(droid_factory, session, f
     task = await s.create("lost twice")
     # What a process that died mid-attempt leaves behind, its last retry already used.
     past = utcnow() - dt.timedelta(seconds=5)
-    await shared_store.update_task(
-        {"_id": task["id"]},
-        {"$set": {"status": "processing", "attempt": 2, "retryCount": 1, "startedAt": past,
-                  "leaseOwner": f"gone-{new_id()}", "leaseExpiresAt": past}})
+    claimed = await shared_store.claim_task(f"gone-{new_id()}", utcnow(), past)
+    assert claimed is not None and claimed["_id"] == task["id"]
+    await shared_store.update_attempt(task["id"], claimed["attempt"], {}, count_retry=True)
     seq = await s.last_seq()
     heir = await droid_factory(**llm(fake, WORKER_CONCURRENCY=1, TASK_MAX_RETRIES=1))
     h = await session(heir, s.user, replay_after=seq)

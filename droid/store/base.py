@@ -1,0 +1,166 @@
+"""The `Store` interface: every read and write Droid makes, named by what it means.
+
+Layers above speak only these methods (no query or update documents), so the embedded SQLite
+store and the MongoDB store are interchangeable; one conformance suite (tests/test_store.py)
+runs on both. Documents are plain dicts keyed as the MongoDB collections are (`_id`, camelCase
+fields); dates are naive UTC datetimes with millisecond precision (`util.utcnow()`).
+
+Task documents hold: _id, userId, agentId, status, priority, priorityRank, prompt, response,
+error, tokensUsed, executionTimeMs, retryCount, metadataJson, createdAt, updatedAt, startedAt,
+completedAt, runAfter, attempt, leaseOwner, leaseExpiresAt.
+"""
+from __future__ import annotations
+
+import abc
+import datetime as dt
+
+PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
+ACTIVE = ("pending", "processing")
+FINAL = ("completed", "failed", "cancelled")
+STATUSES = ACTIVE + FINAL
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class Store(abc.ABC):
+    """All of Droid's persistent state. Methods never block the event loop.
+
+    `event_retention_s` bounds how long stored envelopes are kept, `idempotency_ttl_s` how long
+    an Idempotency-Key is remembered; both are enforced by the store itself.
+    """
+
+    kind = "store"
+
+    def __init__(self, *, event_retention_s: int = 48 * 3600,
+                 idempotency_ttl_s: int = IDEMPOTENCY_TTL_S) -> None:
+        self.event_retention_s = event_retention_s
+        self.idempotency_ttl_s = idempotency_ttl_s
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create tables/collections and indexes; idempotent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and background work; idempotent."""
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """True when the database answers."""
+
+    @abc.abstractmethod
+    async def expire(self, now: dt.datetime) -> None:
+        """Delete envelopes older than the retention and idempotency keys older than their TTL."""
+
+    # users -----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def insert_user(self, doc: dict) -> None:
+        """Store a new user; raises errors.Conflict when the e-mail is taken."""
+
+    @abc.abstractmethod
+    async def user_by_email(self, email: str) -> dict | None: ...
+
+    @abc.abstractmethod
+    async def user_by_id(self, user_id: str) -> dict | None: ...
+
+    # agents ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def insert_agent(self, doc: dict) -> None: ...
+
+    @abc.abstractmethod
+    async def agents_of(self, owner_id: str) -> list[dict]:
+        """A user's agents, oldest first."""
+
+    @abc.abstractmethod
+    async def agent_by_id(self, agent_id: str) -> dict | None: ...
+
+    # tasks -----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def insert_task(self, doc: dict) -> None: ...
+
+    @abc.abstractmethod
+    async def task_by_id(self, task_id: str, user_id: str | None = None) -> dict | None:
+        """The task, or None (also when `user_id` is given and does not own it)."""
+
+    @abc.abstractmethod
+    async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
+                         limit: int, after: tuple[dt.datetime, str] | None) -> list[dict]:
+        """A user's tasks, newest first (createdAt, then _id, descending), strictly after the
+        (createdAt, _id) position `after`, at most `limit`."""
+
+    @abc.abstractmethod
+    async def claim_task(self, owner: str, now: dt.datetime,
+                         lease_until: dt.datetime) -> dict | None:
+        """Atomically take the most urgent (priorityRank desc), oldest (createdAt asc) pending
+        task whose runAfter <= now: status processing, startedAt = updatedAt = now, leaseOwner,
+        leaseExpiresAt = lease_until, attempt + 1. The updated task, or None when none is due.
+        Concurrent callers, in any process, never get the same attempt."""
+
+    @abc.abstractmethod
+    async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime) -> dict | None:
+        """Cancel the user's task when pending or processing (completedAt = updatedAt = now, lease
+        cleared); the updated task, or None when it is not the user's or already finished."""
+
+    @abc.abstractmethod
+    async def update_attempt(self, task_id: str, attempt: int, fields: dict, *,
+                             count_retry: bool = False) -> dict | None:
+        """Set `fields` on the task if attempt `attempt` is still its current one (status
+        processing, same attempt number); with `count_retry`, retryCount + 1 as well.
+        The updated task, or None when the attempt is no longer current (a stale attempt never
+        overwrites a newer one, a cancel, or an end already recorded)."""
+
+    @abc.abstractmethod
+    async def renew_lease(self, task_id: str, attempt: int, owner: str,
+                          until: dt.datetime) -> bool:
+        """Extend the lease of a current attempt held by `owner`; False when it is not."""
+
+    @abc.abstractmethod
+    async def expired_leases(self, now: dt.datetime, limit: int = 100) -> list[dict]:
+        """Processing tasks whose lease ran out before `now`."""
+
+    @abc.abstractmethod
+    async def count_by_status(self) -> dict[str, int]:
+        """How many tasks are in each status (every status present, 0 when none)."""
+
+    @abc.abstractmethod
+    async def count_due(self, now: dt.datetime) -> int:
+        """Pending tasks whose runAfter <= now (the queue depth)."""
+
+    # events ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def next_seq(self, user_id: str) -> int:
+        """The user's next event number: 1, 2, 3, ... with no gap or repeat, across processes."""
+
+    @abc.abstractmethod
+    async def last_seq(self, user_id: str) -> int:
+        """The last number next_seq handed out for the user (0 before the first)."""
+
+    @abc.abstractmethod
+    async def insert_event(self, doc: dict) -> None:
+        """Store {userId, seq, event, envelope, createdAt}; (userId, seq) is unique."""
+
+    @abc.abstractmethod
+    async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
+        """The user's stored events with seq > after, ascending, at most `limit`."""
+
+    @abc.abstractmethod
+    async def oldest_seq(self, user_id: str) -> int | None:
+        """The smallest seq still stored for the user, or None."""
+
+    @abc.abstractmethod
+    async def delete_events(self, user_id: str, up_to_seq: int | None = None) -> int:
+        """Forget the user's events with seq <= up_to_seq (all when None); how many."""
+
+    # idempotency -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_key(self, user_id: str, key: str, task_id: str, now: dt.datetime,
+                        since: dt.datetime) -> str:
+        """Record that `key` of the user names `task_id`, atomically: returns `task_id` when the
+        key was free (or last used before `since`, then it is taken over), else the task id
+        recorded by the request that used it first."""

@@ -1,0 +1,233 @@
+"""The MongoDB store: PyMongo's AsyncMongoClient, what production uses (MONGODB_URI).
+
+Every method is one or two commands on indexed fields; atomic changes are single
+`find_one_and_update` calls whose filter holds the precondition (a claim takes only a pending,
+due task; an attempt is changed only while it is the current one).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from ..errors import Conflict
+from .base import ACTIVE, STATUSES, Store
+
+log = logging.getLogger(__name__)
+
+
+class MongoStore(Store):
+    kind = "mongodb"
+
+    def __init__(self, uri: str, db_name: str, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self.uri = uri
+        self.db_name = db_name
+        self.client: AsyncMongoClient | None = None
+
+    async def open(self) -> None:
+        if self.client is not None:
+            return
+        # Created here, inside the event loop that uses it (the async client must not cross loops).
+        self.client = AsyncMongoClient(self.uri, tz_aware=False, serverSelectionTimeoutMS=5000,
+                                       appname="droid")
+        db = self.client[self.db_name]
+        self.db = db
+        self.users = db["users"]
+        self.agents = db["agents"]
+        self.tasks = db["tasks"]
+        self.events = db["events"]
+        self.counters = db["counters"]
+        self.idempotency = db["idempotency"]
+        await self.users.create_index([("email", ASCENDING)], unique=True, name="email_unique")
+        await self.agents.create_index([("ownerId", ASCENDING), ("createdAt", ASCENDING)],
+                                       name="owner_created")
+        await self.tasks.create_index([("userId", ASCENDING), ("createdAt", DESCENDING),
+                                       ("_id", DESCENDING)], name="owner_created")
+        await self.tasks.create_index([("status", ASCENDING), ("priorityRank", DESCENDING),
+                                       ("createdAt", ASCENDING)], name="claim_order")
+        await self.tasks.create_index([("status", ASCENDING), ("leaseExpiresAt", ASCENDING)],
+                                      name="lease_expiry")
+        await self.events.create_index([("userId", ASCENDING), ("seq", ASCENDING)],
+                                       unique=True, name="user_seq")
+        # TTL indexes do the routine expiry; expire() does the same on demand.
+        await self.events.create_index([("createdAt", ASCENDING)], name="retention",
+                                       expireAfterSeconds=self.event_retention_s)
+        await self.idempotency.create_index([("userId", ASCENDING), ("key", ASCENDING)],
+                                            unique=True, name="user_key")
+        await self.idempotency.create_index([("createdAt", ASCENDING)], name="expiry",
+                                            expireAfterSeconds=self.idempotency_ttl_s)
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.close()
+
+    async def ping(self) -> bool:
+        try:
+            await self.db.command("ping")
+            return True
+        except PyMongoError:
+            return False
+
+    async def drop(self) -> None:
+        """Delete the whole database (tests)."""
+        await self.client.drop_database(self.db_name)
+
+    async def expire(self, now: dt.datetime) -> None:
+        await self.events.delete_many(
+            {"createdAt": {"$lt": now - dt.timedelta(seconds=self.event_retention_s)}})
+        await self.idempotency.delete_many(
+            {"createdAt": {"$lt": now - dt.timedelta(seconds=self.idempotency_ttl_s)}})
+
+    # users -----------------------------------------------------------------------------------
+
+    async def insert_user(self, doc: dict) -> None:
+        try:
+            await self.users.insert_one(dict(doc))
+        except DuplicateKeyError:
+            raise Conflict("Email is already registered") from None
+
+    async def user_by_email(self, email: str) -> dict | None:
+        return await self.users.find_one({"email": email})
+
+    async def user_by_id(self, user_id: str) -> dict | None:
+        return await self.users.find_one({"_id": user_id})
+
+    # agents ----------------------------------------------------------------------------------
+
+    async def insert_agent(self, doc: dict) -> None:
+        await self.agents.insert_one(dict(doc))
+
+    async def agents_of(self, owner_id: str) -> list[dict]:
+        return await self.agents.find({"ownerId": owner_id}).sort(
+            [("createdAt", ASCENDING), ("_id", ASCENDING)]).to_list(None)
+
+    async def agent_by_id(self, agent_id: str) -> dict | None:
+        return await self.agents.find_one({"_id": agent_id})
+
+    # tasks -----------------------------------------------------------------------------------
+
+    async def insert_task(self, doc: dict) -> None:
+        await self.tasks.insert_one(dict(doc))
+
+    async def task_by_id(self, task_id: str, user_id: str | None = None) -> dict | None:
+        query: dict = {"_id": task_id}
+        if user_id is not None:
+            query["userId"] = user_id
+        return await self.tasks.find_one(query)
+
+    async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
+                         limit: int, after: tuple[dt.datetime, str] | None) -> list[dict]:
+        query: dict = {"userId": user_id}
+        if status:
+            query["status"] = status
+        if agent_id:
+            query["agentId"] = agent_id
+        if after:
+            created, last_id = after
+            query["$or"] = [{"createdAt": {"$lt": created}},
+                            {"createdAt": created, "_id": {"$lt": last_id}}]
+        return await self.tasks.find(query).sort(
+            [("createdAt", DESCENDING), ("_id", DESCENDING)]).limit(limit).to_list(None)
+
+    async def claim_task(self, owner: str, now: dt.datetime,
+                         lease_until: dt.datetime) -> dict | None:
+        return await self.tasks.find_one_and_update(
+            {"status": "pending", "runAfter": {"$lte": now}},
+            {"$set": {"status": "processing", "startedAt": now, "updatedAt": now,
+                      "leaseOwner": owner, "leaseExpiresAt": lease_until},
+             "$inc": {"attempt": 1}},
+            sort=[("priorityRank", DESCENDING), ("createdAt", ASCENDING)],
+            return_document=ReturnDocument.AFTER)
+
+    async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime) -> dict | None:
+        return await self.tasks.find_one_and_update(
+            {"_id": task_id, "userId": user_id, "status": {"$in": list(ACTIVE)}},
+            {"$set": {"status": "cancelled", "updatedAt": now, "completedAt": now,
+                      "leaseOwner": None, "leaseExpiresAt": None}},
+            return_document=ReturnDocument.AFTER)
+
+    async def update_attempt(self, task_id: str, attempt: int, fields: dict, *,
+                             count_retry: bool = False) -> dict | None:
+        update: dict = {"$set": dict(fields)} if fields else {}
+        if count_retry:
+            update["$inc"] = {"retryCount": 1}
+        return await self.tasks.find_one_and_update(
+            {"_id": task_id, "status": "processing", "attempt": attempt}, update,
+            return_document=ReturnDocument.AFTER)
+
+    async def renew_lease(self, task_id: str, attempt: int, owner: str,
+                          until: dt.datetime) -> bool:
+        result = await self.tasks.update_one(
+            {"_id": task_id, "status": "processing", "attempt": attempt, "leaseOwner": owner},
+            {"$set": {"leaseExpiresAt": until}})
+        return result.matched_count == 1
+
+    async def expired_leases(self, now: dt.datetime, limit: int = 100) -> list[dict]:
+        return await self.tasks.find(
+            {"status": "processing", "leaseExpiresAt": {"$lt": now}}).limit(limit).to_list(None)
+
+    async def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        async for row in await self.tasks.aggregate(
+                [{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
+            if row["_id"] in counts:
+                counts[row["_id"]] = int(row["n"])
+        return counts
+
+    async def count_due(self, now: dt.datetime) -> int:
+        return await self.tasks.count_documents({"status": "pending", "runAfter": {"$lte": now}})
+
+    # events ----------------------------------------------------------------------------------
+
+    async def next_seq(self, user_id: str) -> int:
+        doc = await self.counters.find_one_and_update(
+            {"_id": f"seq:{user_id}"}, {"$inc": {"value": 1}}, upsert=True,
+            return_document=ReturnDocument.AFTER)
+        return int(doc["value"])
+
+    async def last_seq(self, user_id: str) -> int:
+        doc = await self.counters.find_one({"_id": f"seq:{user_id}"})
+        return int(doc["value"]) if doc else 0
+
+    async def insert_event(self, doc: dict) -> None:
+        try:
+            await self.events.insert_one(dict(doc))
+        except DuplicateKeyError:
+            raise Conflict(f"event {doc['seq']} of this user is already stored") from None
+
+    async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
+        return await self.events.find({"userId": user_id, "seq": {"$gt": after}}).sort(
+            [("seq", ASCENDING)]).limit(limit).to_list(None)
+
+    async def oldest_seq(self, user_id: str) -> int | None:
+        doc = await self.events.find_one({"userId": user_id}, sort=[("seq", ASCENDING)])
+        return int(doc["seq"]) if doc else None
+
+    async def delete_events(self, user_id: str, up_to_seq: int | None = None) -> int:
+        query: dict = {"userId": user_id}
+        if up_to_seq is not None:
+            query["seq"] = {"$lte": up_to_seq}
+        return (await self.events.delete_many(query)).deleted_count
+
+    # idempotency -----------------------------------------------------------------------------
+
+    async def claim_key(self, user_id: str, key: str, task_id: str, now: dt.datetime,
+                        since: dt.datetime) -> str:
+        try:
+            await self.idempotency.insert_one(
+                {"userId": user_id, "key": key, "taskId": task_id, "createdAt": now})
+            return task_id
+        except DuplicateKeyError:
+            pass
+        # Used before the window: take it over, unless a concurrent request just did.
+        taken = await self.idempotency.find_one_and_update(
+            {"userId": user_id, "key": key, "createdAt": {"$lt": since}},
+            {"$set": {"taskId": task_id, "createdAt": now}})
+        if taken is not None:
+            return task_id
+        doc = await self.idempotency.find_one({"userId": user_id, "key": key})
+        return doc["taskId"] if doc else task_id
