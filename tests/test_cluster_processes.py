@@ -1,6 +1,6 @@
 """Two real `python -m droid` processes sharing JWT_SECRET and REDIS_URL, nothing else.
 
-Each process has its own embedded database, so whatever one of them learns about the other's
+Each process has its own embedded database (its own DROID_DATA_DIR), so whatever one of them learns about the other's
 tasks and sockets came through Redis. Redis is a real redis-server started by the test.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ class DroidProcess:
                if not k.startswith(("MONGODB_", "LLM_", "REDIS_", "JWT_", "DROID_", "WORKER_"))}
         env.update(HOST="127.0.0.1", PORT=str(self.port), JWT_SECRET=TEST_SECRET,
                    REDIS_URL=redis_url, DROID_PRESENCE_TTL_S=str(TTL_S),
-                   DROID_DEMO_DELAY_S="0.05", LOG_LEVEL="INFO", PYTHONPATH=str(ROOT))
+                   DROID_DEMO_DELAY_S="0.05", LOG_LEVEL="INFO", PYTHONPATH=str(ROOT),
+                   DROID_DATA_DIR=str(workdir / f"{name}-data"))
         self.log_path = workdir / f"{name}.log"
         with open(self.log_path, "wb") as log:
             # The working directory is the test's own: no stray .env is read.
