@@ -187,12 +187,32 @@ class HeapHandler(BenchHandler):
         snapshot = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, tracemalloc.__file__)])
         top = []
+        owners: dict[str, float] = {}
         if HeapHandler.previous is not None:
-            for stat in snapshot.compare_to(HeapHandler.previous, "traceback")[:15]:
+            stats = snapshot.compare_to(HeapHandler.previous, "traceback")
+            for stat in stats[:int(self.get_query_argument("top", "15"))]:
                 top.append({"sizeDiffKb": stat.size_diff / 1024, "countDiff": stat.count_diff,
                             "traceback": [f"{f.filename}:{f.lineno}" for f in stat.traceback][-6:]})
+            for stat in stats:
+                owner = _owner(stat.traceback)
+                owners[owner] = owners.get(owner, 0.0) + stat.size_diff / 1024
         HeapHandler.previous = snapshot
-        self.reply({"ok": True, "top": top})
+        self.reply({"ok": True, "top": top, "byOwnerKb": owners})
+
+
+# Whose code allocated: the innermost frame that belongs to one of these packages (so that an
+# asyncio Task started by python-engineio counts as python-engineio's).
+_OWNERS = (("/droid/", "droid"), ("/engineio/", "python-engineio"),
+           ("/socketio/", "python-socketio"), ("/tornado/", "tornado"), ("/jwt/", "pyjwt"),
+           ("/bench/", "bench"))
+
+
+def _owner(traceback: Any) -> str:
+    for frame in reversed(traceback):  # tracemalloc lists the oldest frame first
+        for marker, name in _OWNERS:
+            if marker in frame.filename:
+                return name
+    return "other (asyncio, stdlib)"
 
 
 def main() -> None:
