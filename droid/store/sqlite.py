@@ -288,11 +288,13 @@ class SqliteStore(Store):
     async def claim_task(self, owner: str, now: dt.datetime,
                          lease_until: dt.datetime) -> dict | None:
         ms = to_ms(now)
-        # One statement: SQLite holds the write lock from the choice to the change.
+        # One statement: SQLite holds the write lock from the choice to the change. The partial
+        # index walks pending tasks in claim order, so a long backlog is not sorted per claim.
         return await self._run(self._one, """
             UPDATE tasks SET status = 'processing', startedAt = ?1, updatedAt = ?1,
                              leaseOwner = ?2, leaseExpiresAt = ?3, attempt = attempt + 1
-            WHERE id = (SELECT id FROM tasks WHERE status = 'pending' AND runAfter <= ?1
+            WHERE id = (SELECT id FROM tasks INDEXED BY tasks_claim
+                        WHERE status = 'pending' AND runAfter <= ?1
                         ORDER BY priorityRank DESC, createdAt LIMIT 1)
               AND status = 'pending'
             RETURNING *""", (ms, owner, to_ms(lease_until)))
