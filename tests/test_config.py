@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from droid.config import ConfigError, load_config
+from droid.config import ConfigError, keep_generated_secret, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,3 +76,38 @@ def test_production_without_database_refuses_to_start():
     result = _run({"DROID_ENV": "production"})
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "MONGODB_URI" in result.stderr
+
+
+def test_the_generated_development_key_is_kept_in_the_data_folder(tmp_path):
+    data = tmp_path / "data"
+    first = keep_generated_secret(load_config({"DROID_DATA_DIR": str(data)}, dotenv_path=None))
+    key_file = data / "jwt-secret"
+    assert first.jwt_secret_kept == str(key_file)
+    assert key_file.read_text().strip() == first.jwt_secret
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    again = keep_generated_secret(load_config({"DROID_DATA_DIR": str(data)}, dotenv_path=None))
+    assert again.jwt_secret == first.jwt_secret  # a restart signs nobody out
+
+
+@pytest.mark.parametrize("env", [
+    {"JWT_SECRET": "x" * 40},
+    {"DROID_DATA_DIR": ":memory:"},
+    {"MONGODB_URI": "mongodb://127.0.0.1:1"},
+])
+def test_no_key_is_kept_when_one_is_configured_or_nothing_persists(tmp_path, monkeypatch, env):
+    monkeypatch.chdir(tmp_path)
+    config = keep_generated_secret(load_config(env, dotenv_path=None))
+    assert config.jwt_secret_kept is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_kept_key_stops_start_up(tmp_path):
+    (tmp_path / "jwt-secret").write_text("short\n")
+    with pytest.raises(ConfigError, match="jwt-secret"):
+        keep_generated_secret(load_config({"DROID_DATA_DIR": str(tmp_path)}, dotenv_path=None))
+
+
+def test_the_data_folder_names_the_sqlite_file():
+    assert load_config({}, dotenv_path=None).sqlite_path == os.path.join("droid-data",
+                                                                        "droid.sqlite3")
+    assert load_config({"DROID_DATA_DIR": ":memory:"}, dotenv_path=None).sqlite_path == ":memory:"
