@@ -1,0 +1,653 @@
+"""The store conformance suite: every method of droid.store.base.Store, on every backend.
+
+Each test runs on an SQLite file, an in-memory SQLite database and MongoDB over the wire
+(SecantusDB from tests/mongo_server.py, or DROID_TEST_MONGODB_URI; each test its own database,
+dropped afterwards). Where a test needs several store objects on one database (several
+connections, as several processes have), the in-memory backend, which is private to one store
+object, gives the same store each time and the concurrency comes from coroutines alone.
+Document counts stay small: SecantusDB scans and sorts in memory (tens of ms per claim).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from typing import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from pymongo import AsyncMongoClient
+
+from droid.errors import Conflict
+from droid.store import PRIORITY_RANK, STATUSES, Store
+from droid.store.mongo import MongoStore
+from droid.store.sqlite import SqliteStore
+from droid.util import utcnow
+
+pytestmark = pytest.mark.asyncio
+
+BACKENDS = ("sqlite-file", "sqlite-memory", "mongo")
+EPOCH_2000 = dt.datetime(2000, 1, 1)
+
+
+class Backend:
+    """Opens store objects on the one database of a test and removes it afterwards."""
+
+    def __init__(self, name: str, tmp_path, mongo_uri: str | None) -> None:
+        self.name = name
+        # An in-memory SQLite database belongs to one store object: it cannot be shared.
+        self.shared = name != "sqlite-memory"
+        self.path = str(tmp_path / "droid.sqlite3")
+        self.mongo_uri = mongo_uri
+        self.db_name = f"droid_store_{uuid.uuid4().hex[:12]}"
+        self.opened: list[Store] = []
+
+    def new(self, **kwargs: int) -> Store:
+        if self.name == "mongo":
+            return MongoStore(self.mongo_uri, self.db_name, **kwargs)
+        return SqliteStore(self.path if self.name == "sqlite-file" else ":memory:", **kwargs)
+
+    async def fresh(self, **kwargs: int) -> Store:
+        """A new, opened store object (for sqlite-memory: a new, empty database)."""
+        store = self.new(**kwargs)
+        await store.open()
+        self.opened.append(store)
+        return store
+
+    async def open(self, **kwargs: int) -> Store:
+        """A store object on the test's database: a new one for each call where the database
+        can be shared, else always the first one."""
+        if not self.shared and self.opened:
+            return self.opened[0]
+        return await self.fresh(**kwargs)
+
+    async def peers(self, n: int) -> list[Store]:
+        return [await self.open() for _ in range(n)]
+
+    async def close(self) -> None:
+        for store in reversed(self.opened):
+            await store.close()
+        if self.name == "mongo":
+            client: AsyncMongoClient = AsyncMongoClient(self.mongo_uri)
+            try:
+                await client.drop_database(self.db_name)
+            finally:
+                await client.close()
+
+
+@pytest_asyncio.fixture(params=BACKENDS)
+async def backend(request, tmp_path) -> AsyncIterator[Backend]:
+    uri = request.getfixturevalue("mongo_uri") if request.param == "mongo" else None
+    made = Backend(request.param, tmp_path, uri)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest_asyncio.fixture
+async def store(backend: Backend) -> Store:
+    return await backend.open()
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def user_doc(email: str | None = None, **over) -> dict:
+    return {"_id": new_id(), "email": email or f"u-{uuid.uuid4().hex[:8]}@example.com",
+            "name": None, "passwordHash": "$argon2id$v=19$fake", "createdAt": utcnow(), **over}
+
+
+def task_doc(user_id: str, *, created: dt.datetime | None = None, priority: str = "normal",
+             status: str = "pending", agent_id: str = "agent-1", **over) -> dict:
+    """A task document shaped as droid.tasks creates it."""
+    created = created or utcnow()
+    return {"_id": new_id(), "userId": user_id, "agentId": agent_id, "status": status,
+            "priority": priority, "priorityRank": PRIORITY_RANK[priority], "prompt": "Say hi",
+            "response": None, "error": None, "tokensUsed": None, "executionTimeMs": None,
+            "retryCount": 0, "metadataJson": None, "createdAt": created, "updatedAt": created,
+            "startedAt": None, "completedAt": None, "runAfter": created, "attempt": 0,
+            "leaseOwner": None, "leaseExpiresAt": None, **over}
+
+
+def event_doc(user_id: str, seq: int, created: dt.datetime | None = None) -> dict:
+    created = created or utcnow()
+    envelope = {"event": "task.created", "seq": seq, "timestamp": "2026-01-01T00:00:00.000Z",
+                "data": {"taskId": f"t{seq}", "text": "ünïcødé ✓", "n": [1, 2.5, None, True],
+                         "nested": {"empty": {}, "none": None}}}
+    return {"userId": user_id, "seq": seq, "event": "task.created", "envelope": envelope,
+            "createdAt": created}
+
+
+def event_fields(doc: dict) -> dict:
+    return {k: doc[k] for k in ("userId", "seq", "event", "envelope", "createdAt")}
+
+
+def secs(n: float) -> dt.timedelta:
+    return dt.timedelta(seconds=n)
+
+
+# lifecycle ---------------------------------------------------------------------------------
+
+
+async def test_open_and_close_are_idempotent_and_open_keeps_data(backend: Backend) -> None:
+    store = await backend.open()
+    assert await store.ping() is True
+    user = user_doc()
+    await store.insert_user(user)
+    await store.open()
+    assert await store.ping() is True
+    assert await store.user_by_id(user["_id"]) == user
+    await store.close()
+    await store.close()
+
+
+async def test_a_new_store_object_sees_the_data_except_in_memory(backend: Backend) -> None:
+    first = await backend.fresh()
+    user = user_doc()
+    await first.insert_user(user)
+    task = task_doc(user["_id"])
+    await first.insert_task(task)
+    await first.close()
+    second = await backend.fresh()
+    if backend.name == "sqlite-memory":  # DROID_DATA_DIR=:memory: is a throwaway database
+        assert await second.user_by_id(user["_id"]) is None
+    else:
+        assert await second.user_by_id(user["_id"]) == user
+        assert await second.task_by_id(task["_id"]) == task
+
+
+# users -------------------------------------------------------------------------------------
+
+
+async def test_user_round_trip_by_email_and_by_id(store: Store) -> None:
+    user = user_doc(name="Ada")
+    await store.insert_user(user)
+    assert await store.user_by_email(user["email"]) == user
+    got = await store.user_by_id(user["_id"])
+    assert got == user
+    assert got["createdAt"].tzinfo is None
+    assert await store.user_by_email("nobody@example.com") is None
+    assert await store.user_by_id(new_id()) is None
+
+
+async def test_duplicate_email_is_a_conflict_and_keeps_the_first_user(store: Store) -> None:
+    first = user_doc("same@example.com")
+    await store.insert_user(first)
+    second = user_doc("same@example.com")
+    with pytest.raises(Conflict):
+        await store.insert_user(second)
+    assert await store.user_by_email("same@example.com") == first
+    assert await store.user_by_id(second["_id"]) is None
+
+
+# agents ------------------------------------------------------------------------------------
+
+
+async def test_agents_of_a_user_oldest_first(store: Store) -> None:
+    now = utcnow()
+    owner, other = new_id(), new_id()
+    docs = [{"_id": new_id(), "name": f"a{i}", "model": None, "systemPrompt": "Be brief",
+             "description": None, "ownerId": owner, "createdAt": now - secs(10 - i)}
+            for i in range(3)]
+    for doc in (docs[2], docs[0], docs[1]):
+        await store.insert_agent(doc)
+    await store.insert_agent({**docs[0], "_id": new_id(), "ownerId": other})
+    assert await store.agents_of(owner) == docs
+    assert await store.agents_of(new_id()) == []
+    assert await store.agent_by_id(docs[1]["_id"]) == docs[1]
+    assert await store.agent_by_id(new_id()) is None
+
+
+# tasks: reads ------------------------------------------------------------------------------
+
+
+async def test_task_round_trip_and_owner_check(store: Store) -> None:
+    user, other = new_id(), new_id()
+    task = task_doc(user, metadataJson='{"k":"v"}', prompt="Ünïcødé ✓ " + "x" * 5000)
+    await store.insert_task(task)
+    got = await store.task_by_id(task["_id"])
+    assert got == task
+    assert all(got[k].tzinfo is None for k in ("createdAt", "updatedAt", "runAfter"))
+    assert await store.task_by_id(task["_id"], user) == task
+    assert await store.task_by_id(task["_id"], other) is None
+    assert await store.task_by_id(new_id()) is None
+    assert await store.task_by_id(new_id(), user) is None
+
+
+async def test_tasks_page_newest_first_with_a_cursor_across_ties(store: Store) -> None:
+    user, other = new_id(), new_id()
+    base = utcnow() - secs(60)
+    docs = []
+    # Three tasks share one createdAt: the cursor must order and split them by _id.
+    for i, offset in enumerate([0, 1, 1, 1, 2, 3, 3]):
+        doc = task_doc(user, created=base + secs(offset))
+        doc["_id"] = f"task-{(i * 5) % 7:02d}-{uuid.uuid4().hex[:6]}"
+        docs.append(doc)
+    for doc in reversed(docs):
+        await store.insert_task(doc)
+    await store.insert_task(task_doc(other, created=base + secs(5)))
+    expected = sorted(docs, key=lambda d: (d["createdAt"], d["_id"]), reverse=True)
+
+    for limit in (1, 2, 3):
+        seen, after = [], None
+        while True:
+            page = await store.tasks_page(user, status=None, agent_id=None, limit=limit,
+                                          after=after)
+            assert len(page) <= limit
+            if not page:
+                break
+            seen += page
+            after = (page[-1]["createdAt"], page[-1]["_id"])
+        assert [d["_id"] for d in seen] == [d["_id"] for d in expected]
+    whole = await store.tasks_page(user, status=None, agent_id=None, limit=100, after=None)
+    assert whole == expected
+
+
+async def test_tasks_page_filters_by_status_and_agent(store: Store) -> None:
+    user = new_id()
+    base = utcnow() - secs(60)
+    docs = [task_doc(user, created=base + secs(i), status=status, agent_id=agent)
+            for i, (status, agent) in enumerate([("pending", "a1"), ("completed", "a1"),
+                                                 ("completed", "a2"), ("failed", "a2"),
+                                                 ("completed", "a1")])]
+    for doc in docs:
+        await store.insert_task(doc)
+
+    async def ids(status: str | None, agent_id: str | None) -> list[str]:
+        page = await store.tasks_page(user, status=status, agent_id=agent_id, limit=10,
+                                      after=None)
+        return [d["_id"] for d in page]
+
+    assert await ids("completed", None) == [docs[4]["_id"], docs[2]["_id"], docs[1]["_id"]]
+    assert await ids(None, "a2") == [docs[3]["_id"], docs[2]["_id"]]
+    assert await ids("completed", "a1") == [docs[4]["_id"], docs[1]["_id"]]
+    assert await ids("cancelled", None) == []
+    after = (docs[4]["createdAt"], docs[4]["_id"])
+    page = await store.tasks_page(user, status="completed", agent_id=None, limit=1, after=after)
+    assert [d["_id"] for d in page] == [docs[2]["_id"]]
+
+
+# tasks: claims -----------------------------------------------------------------------------
+
+
+async def test_claim_takes_most_urgent_then_oldest_due_task(store: Store) -> None:
+    user = new_id()
+    now = utcnow()
+    t = [now - secs(100 - i) for i in range(10)]
+    due = {
+        "urgent-new": task_doc(user, created=t[5], priority="urgent"),
+        "high-old": task_doc(user, created=t[1], priority="high"),
+        "high-new": task_doc(user, created=t[3], priority="high"),
+        "normal-due-now": task_doc(user, created=t[0], runAfter=now),
+        "low-oldest": task_doc(user, created=t[0] - secs(50), priority="low"),
+    }
+    not_due = [
+        task_doc(user, created=t[0], priority="urgent", runAfter=now + secs(1)),
+        task_doc(user, created=t[0], priority="urgent", status="completed"),
+        task_doc(user, created=t[0], priority="urgent", status="cancelled"),
+        task_doc(user, created=t[0], priority="urgent", status="processing", attempt=1),
+    ]
+    for doc in [*not_due, *due.values()]:
+        await store.insert_task(doc)
+
+    lease_until = now + secs(30)
+    claimed = []
+    while (doc := await store.claim_task("worker-1", now, lease_until)) is not None:
+        claimed.append(doc)
+    order = ["urgent-new", "high-old", "high-new", "normal-due-now", "low-oldest"]
+    assert [d["_id"] for d in claimed] == [due[name]["_id"] for name in order]
+    first = due["urgent-new"]
+    assert claimed[0] == {**first, "status": "processing", "startedAt": now, "updatedAt": now,
+                          "leaseOwner": "worker-1", "leaseExpiresAt": lease_until, "attempt": 1}
+    assert await store.task_by_id(first["_id"]) == claimed[0]
+    for doc in not_due:
+        assert await store.task_by_id(doc["_id"]) == doc
+    # The future task becomes due once its time has come.
+    later = await store.claim_task("worker-1", now + secs(1), lease_until)
+    assert later is not None and later["_id"] == not_due[0]["_id"]
+
+
+async def test_claim_on_an_empty_store_is_none(store: Store) -> None:
+    now = utcnow()
+    assert await store.claim_task("w", now, now + secs(30)) is None
+
+
+async def test_concurrent_claims_never_hand_out_one_attempt_twice(backend: Backend) -> None:
+    stores = await backend.peers(3)
+    user = new_id()
+    base = utcnow() - secs(60)
+    docs = [task_doc(user, created=base + dt.timedelta(milliseconds=i),
+                     priority=("low", "normal", "high")[i % 3]) for i in range(30)]
+    for doc in docs:
+        await stores[0].insert_task(doc)
+    now = utcnow()
+    claims: list[tuple[str, int, str]] = []
+
+    async def claimer(store: Store, name: str) -> None:
+        while (doc := await store.claim_task(name, now, now + secs(30))) is not None:
+            assert doc["leaseOwner"] == name
+            claims.append((doc["_id"], doc["attempt"], name))
+
+    await asyncio.gather(*(claimer(store, f"s{i}-c{j}")
+                           for i, store in enumerate(stores) for j in range(10)))
+    assert sorted(c[0] for c in claims) == sorted(d["_id"] for d in docs)
+    assert {c[1] for c in claims} == {1}
+    for task_id, _, name in claims:
+        stored = await stores[1].task_by_id(task_id)
+        assert (stored["status"], stored["attempt"], stored["leaseOwner"]) == \
+            ("processing", 1, name)
+    assert (await stores[2].count_by_status())["processing"] == 30
+
+
+# tasks: attempts ---------------------------------------------------------------------------
+
+
+async def test_update_attempt_sets_fields_and_counts_a_retry(store: Store) -> None:
+    user = new_id()
+    task = task_doc(user, created=utcnow() - secs(5))
+    await store.insert_task(task)
+    now = utcnow()
+    claimed = await store.claim_task("w1", now, now + secs(30))
+    retry_at = now + secs(2)
+    back = await store.update_attempt(
+        task["_id"], 1, {"status": "pending", "error": "boom", "updatedAt": now,
+                         "runAfter": retry_at, "leaseOwner": None, "leaseExpiresAt": None,
+                         "executionTimeMs": 12}, count_retry=True)
+    assert back == {**claimed, "status": "pending", "error": "boom", "runAfter": retry_at,
+                    "leaseOwner": None, "leaseExpiresAt": None, "executionTimeMs": 12,
+                    "retryCount": 1}
+    assert await store.task_by_id(task["_id"]) == back
+    # Pending is not an attempt: nothing to update until it is claimed again.
+    assert await store.update_attempt(task["_id"], 1, {"error": "late"}) is None
+    assert await store.claim_task("w2", now, now + secs(30)) is None  # not due yet
+    again = await store.claim_task("w2", retry_at, retry_at + secs(30))
+    assert (again["attempt"], again["retryCount"], again["leaseOwner"]) == (2, 1, "w2")
+    done = await store.update_attempt(
+        task["_id"], 2, {"status": "completed", "response": "hi", "tokensUsed": 3, "error": None,
+                         "completedAt": retry_at, "updatedAt": retry_at, "leaseOwner": None,
+                         "leaseExpiresAt": None})
+    assert done == {**again, "status": "completed", "response": "hi", "tokensUsed": 3,
+                    "error": None, "completedAt": retry_at, "leaseOwner": None,
+                    "leaseExpiresAt": None}
+    # An end already recorded is final.
+    assert await store.update_attempt(task["_id"], 2, {"status": "failed"}) is None
+    assert await store.task_by_id(task["_id"]) == done
+
+
+async def test_a_stale_attempt_cannot_overwrite_a_newer_one(backend: Backend) -> None:
+    old_worker, new_worker = await backend.peers(2)
+    task = task_doc(new_id(), created=utcnow() - secs(5))
+    await old_worker.insert_task(task)
+    now = utcnow()
+    first = await old_worker.claim_task("old", now, now + secs(1))
+    # The lease ran out; a reaper put the attempt back and another worker took the task.
+    assert await new_worker.update_attempt(
+        task["_id"], 1, {"status": "pending", "runAfter": now, "leaseOwner": None,
+                         "leaseExpiresAt": None}, count_retry=True) is not None
+    second = await new_worker.claim_task("new", now + secs(2), now + secs(30))
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+
+    late = await old_worker.update_attempt(
+        task["_id"], 1, {"status": "completed", "response": "stale", "leaseOwner": None})
+    assert late is None
+    assert await old_worker.renew_lease(task["_id"], 1, "old", now + secs(60)) is False
+    assert await new_worker.task_by_id(task["_id"]) == second
+
+
+async def test_concurrent_ends_of_one_attempt_record_exactly_one(backend: Backend) -> None:
+    stores = await backend.peers(3)
+    task = task_doc(new_id(), created=utcnow() - secs(5))
+    await stores[0].insert_task(task)
+    now = utcnow()
+    await stores[0].claim_task("w", now, now + secs(30))
+
+    results = await asyncio.gather(*(
+        stores[i % 3].update_attempt(task["_id"], 1, {"status": "completed",
+                                                      "response": f"answer {i}"})
+        for i in range(12)))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert await stores[1].task_by_id(task["_id"]) == winners[0]
+
+
+async def test_cancel_only_active_tasks_and_only_by_their_owner(store: Store) -> None:
+    owner, other = new_id(), new_id()
+    now = utcnow()
+    pending = task_doc(owner, created=now - secs(5))
+    done = task_doc(owner, created=now - secs(5), status="completed", completedAt=now)
+    for doc in (pending, done):
+        await store.insert_task(doc)
+
+    assert await store.cancel_task(pending["_id"], other, now) is None
+    assert await store.task_by_id(pending["_id"]) == pending
+    cancelled = await store.cancel_task(pending["_id"], owner, now)
+    assert cancelled == {**pending, "status": "cancelled", "completedAt": now, "updatedAt": now}
+    assert await store.cancel_task(pending["_id"], owner, now + secs(1)) is None
+    assert await store.task_by_id(pending["_id"]) == cancelled
+    assert await store.cancel_task(done["_id"], owner, now) is None
+    assert await store.task_by_id(done["_id"]) == done
+    assert await store.cancel_task(new_id(), owner, now) is None
+
+
+async def test_cancel_of_a_running_attempt_clears_its_lease_and_wins(store: Store) -> None:
+    owner = new_id()
+    task = task_doc(owner, created=utcnow() - secs(5))
+    await store.insert_task(task)
+    now = utcnow()
+    claimed = await store.claim_task("w", now, now + secs(30))
+    later = now + secs(1)
+    cancelled = await store.cancel_task(task["_id"], owner, later)
+    assert cancelled == {**claimed, "status": "cancelled", "completedAt": later,
+                         "updatedAt": later, "leaseOwner": None, "leaseExpiresAt": None}
+    assert await store.update_attempt(task["_id"], 1, {"status": "completed"}) is None
+    assert await store.renew_lease(task["_id"], 1, "w", later + secs(30)) is False
+    assert await store.task_by_id(task["_id"]) == cancelled
+
+
+async def test_cancel_racing_the_end_of_an_attempt_one_wins(backend: Backend) -> None:
+    user_side, worker_side = await backend.peers(2)
+    owner = new_id()
+    docs = [task_doc(owner, created=utcnow() - secs(5)) for _ in range(4)]
+    for doc in docs:
+        await user_side.insert_task(doc)
+    now = utcnow()
+    for _ in docs:
+        await worker_side.claim_task("w", now, now + secs(30))
+    for doc in docs:
+        cancel, end = await asyncio.gather(
+            user_side.cancel_task(doc["_id"], owner, now),
+            worker_side.update_attempt(doc["_id"], 1, {"status": "completed",
+                                                       "completedAt": now}))
+        assert (cancel is None) != (end is None)
+        winner = cancel or end
+        assert await user_side.task_by_id(doc["_id"]) == winner
+
+
+async def test_renew_lease_only_by_the_owner_of_the_current_attempt(store: Store) -> None:
+    task = task_doc(new_id(), created=utcnow() - secs(5))
+    await store.insert_task(task)
+    now = utcnow()
+    assert await store.renew_lease(task["_id"], 0, "w", now + secs(60)) is False  # pending
+    claimed = await store.claim_task("w", now, now + secs(30))
+    until = now + secs(60)
+    assert await store.renew_lease(task["_id"], 1, "intruder", until) is False
+    assert await store.renew_lease(task["_id"], 2, "w", until) is False
+    assert await store.renew_lease(new_id(), 1, "w", until) is False
+    assert await store.task_by_id(task["_id"]) == claimed
+    assert await store.renew_lease(task["_id"], 1, "w", until) is True
+    assert await store.task_by_id(task["_id"]) == {**claimed, "leaseExpiresAt": until}
+
+
+async def test_expired_leases_are_the_processing_tasks_past_their_lease(store: Store) -> None:
+    user = new_id()
+    now = utcnow()
+    expired = [task_doc(user, status="processing", attempt=1, leaseOwner="dead",
+                        leaseExpiresAt=now - secs(i + 1)) for i in range(3)]
+    alive = task_doc(user, status="processing", attempt=1, leaseOwner="alive",
+                     leaseExpiresAt=now + secs(30))
+    pending = task_doc(user, created=now - secs(100))
+    finished = task_doc(user, status="completed", attempt=1, leaseExpiresAt=now - secs(60))
+    for doc in (*expired, alive, pending, finished):
+        await store.insert_task(doc)
+    got = await store.expired_leases(now)
+    assert sorted(d["_id"] for d in got) == sorted(d["_id"] for d in expired)
+    assert {d["_id"]: d for d in got} == {d["_id"]: d for d in expired}
+    limited = await store.expired_leases(now, limit=2)
+    assert len(limited) == 2 and {d["_id"] for d in limited} <= {d["_id"] for d in expired}
+    assert await store.expired_leases(now - secs(10)) == []
+
+
+async def test_count_by_status_and_count_due(store: Store) -> None:
+    now = utcnow()
+    assert await store.count_by_status() == {status: 0 for status in STATUSES}
+    assert await store.count_due(now) == 0
+    user, other = new_id(), new_id()
+    docs = [
+        task_doc(user, runAfter=now - secs(5)),
+        task_doc(other, runAfter=now - secs(1)),
+        task_doc(user, runAfter=now),
+        task_doc(user, runAfter=now + secs(5)),
+        task_doc(user, status="processing", runAfter=now - secs(5)),
+        task_doc(user, status="completed"),
+        task_doc(other, status="completed"),
+        task_doc(user, status="failed"),
+    ]
+    for doc in docs:
+        await store.insert_task(doc)
+    assert await store.count_by_status() == {"pending": 4, "processing": 1, "completed": 2,
+                                             "failed": 1, "cancelled": 0}
+    assert await store.count_due(now) == 3
+    assert await store.count_due(now + secs(5)) == 4
+    assert await store.count_due(now - secs(3)) == 1
+
+
+# events ------------------------------------------------------------------------------------
+
+
+async def test_next_seq_counts_per_user_from_one(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    assert await store.last_seq(alice) == 0
+    assert [await store.next_seq(alice) for _ in range(3)] == [1, 2, 3]
+    assert await store.next_seq(bob) == 1
+    assert await store.last_seq(alice) == 3
+    assert await store.last_seq(bob) == 1
+    assert await store.last_seq(new_id()) == 0
+
+
+async def test_next_seq_has_no_gap_or_repeat_under_concurrent_publishers(
+        backend: Backend) -> None:
+    stores = await backend.peers(3)
+    alice, bob = new_id(), new_id()
+    calls = [stores[i % 3].next_seq(alice if i % 4 else bob) for i in range(80)]
+    results = await asyncio.gather(*calls)
+    got_alice = sorted(r for i, r in enumerate(results) if i % 4)
+    got_bob = sorted(r for i, r in enumerate(results) if not i % 4)
+    assert got_alice == list(range(1, 61))
+    assert got_bob == list(range(1, 21))
+    assert [await s.last_seq(alice) for s in stores] == [60, 60, 60]
+    assert await stores[0].last_seq(bob) == 20
+
+
+async def test_events_after_ascending_with_limit(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    docs = [event_doc(alice, seq) for seq in range(1, 8)]
+    for doc in (docs[3], docs[0], docs[6], docs[1], docs[5], docs[2], docs[4]):
+        await store.insert_event(doc)
+    await store.insert_event(event_doc(bob, 4))
+    got = await store.events_after(alice, 0, 100)
+    assert [event_fields(d) for d in got] == docs
+    assert [d["seq"] for d in await store.events_after(alice, 2, 3)] == [3, 4, 5]
+    assert [d["seq"] for d in await store.events_after(alice, 6, 3)] == [7]
+    assert await store.events_after(alice, 7, 3) == []
+    assert [d["seq"] for d in await store.events_after(bob, 0, 10)] == [4]
+    assert await store.events_after(new_id(), 0, 10) == []
+
+
+async def test_insert_event_keeps_user_and_seq_unique(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    first = event_doc(alice, 1)
+    await store.insert_event(first)
+    await store.insert_event(event_doc(bob, 1))
+    duplicate = {**event_doc(alice, 1), "event": "task.failed"}
+    with pytest.raises(Conflict):
+        await store.insert_event(duplicate)
+    assert [event_fields(d) for d in await store.events_after(alice, 0, 10)] == [first]
+
+
+async def test_oldest_seq_and_delete_events(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    assert await store.oldest_seq(alice) is None
+    for seq in range(3, 9):
+        await store.insert_event(event_doc(alice, seq))
+    for seq in range(1, 4):
+        await store.insert_event(event_doc(bob, seq))
+    assert await store.oldest_seq(alice) == 3
+    assert await store.delete_events(alice, 5) == 3
+    assert await store.oldest_seq(alice) == 6
+    assert [d["seq"] for d in await store.events_after(alice, 0, 10)] == [6, 7, 8]
+    assert await store.delete_events(alice, 5) == 0
+    assert await store.delete_events(alice) == 3
+    assert await store.oldest_seq(alice) is None
+    assert await store.events_after(alice, 0, 10) == []
+    assert await store.oldest_seq(bob) == 1
+    assert await store.delete_events(new_id()) == 0
+
+
+async def test_expire_removes_only_old_events_and_keys(backend: Backend) -> None:
+    store = await backend.open(event_retention_s=3600, idempotency_ttl_s=7200)
+    alice = new_id()
+    now = utcnow()
+    old_events = [event_doc(alice, 1, now - secs(3601)), event_doc(alice, 2, now - secs(3700))]
+    kept_events = [event_doc(alice, 3, now - secs(3500)), event_doc(alice, 4, now)]
+    for doc in (*old_events, *kept_events):
+        await store.insert_event(doc)
+    assert await store.claim_key(alice, "old", "task-old", now - secs(7201), EPOCH_2000) == \
+        "task-old"
+    assert await store.claim_key(alice, "kept", "task-kept", now - secs(3601), EPOCH_2000) == \
+        "task-kept"
+
+    await store.expire(now)
+    assert [event_fields(d) for d in await store.events_after(alice, 0, 10)] == kept_events
+    assert await store.oldest_seq(alice) == 3
+    assert await store.last_seq(alice) == 0  # expiry never touches the counter
+    # With `since` far in the past a remembered key always wins: only a forgotten one is free.
+    assert await store.claim_key(alice, "old", "task-new", now, EPOCH_2000) == "task-new"
+    assert await store.claim_key(alice, "kept", "task-new", now, EPOCH_2000) == "task-kept"
+
+
+# idempotency -------------------------------------------------------------------------------
+
+
+async def test_claim_key_first_wins_and_an_old_key_is_taken_over(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    now = utcnow()
+    day_ago = now - secs(86400)
+    assert await store.claim_key(alice, "k", "t1", now - secs(60), day_ago) == "t1"
+    assert await store.claim_key(alice, "k", "t2", now, day_ago) == "t1"
+    assert await store.claim_key(alice, "other-key", "t3", now, day_ago) == "t3"
+    assert await store.claim_key(bob, "k", "t4", now, day_ago) == "t4"
+    # Used before `since`: the key is free again, and from then on names the new task.
+    assert await store.claim_key(alice, "k", "t5", now + secs(10), now - secs(30)) == "t5"
+    assert await store.claim_key(alice, "k", "t6", now + secs(20), now - secs(30)) == "t5"
+    assert await store.claim_key(bob, "k", "t7", now + secs(20), day_ago) == "t4"
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["new-key", "stale-key"])
+async def test_claim_key_under_20_concurrent_requests_has_one_winner(
+        backend: Backend, stale: bool) -> None:
+    stores = await backend.peers(3)
+    alice = new_id()
+    now = utcnow()
+    since = now - secs(3600)
+    if stale:
+        assert await stores[0].claim_key(alice, "k", "ancient", now - secs(7200), EPOCH_2000) \
+            == "ancient"
+    task_ids = [f"task-{i}" for i in range(20)]
+    results = await asyncio.gather(*(stores[i % 3].claim_key(alice, "k", task_id, now, since)
+                                     for i, task_id in enumerate(task_ids)))
+    winners = [task_id for task_id, got in zip(task_ids, results) if got == task_id]
+    assert len(winners) == 1, results
+    assert results == [winners[0]] * 20
+    assert await stores[1].claim_key(alice, "k", "late", now, since) == winners[0]
