@@ -234,7 +234,9 @@ class Server:
         self.kind = kind
         env = dict(os.environ, PORT="0", HOST="127.0.0.1", JWT_SECRET=SECRET)
         if kind == "droid":
-            env.update(LOG_LEVEL="WARNING", DROID_DEMO_DELAY_S="0", DROID_ENV="development")
+            # A fresh embedded store per server run (the fan-out workloads never touch it).
+            env.update(LOG_LEVEL="WARNING", DROID_DEMO_DELAY_S="0", DROID_ENV="development",
+                       DROID_DATA_DIR=str(log_path.parent / f"droid-data-{os.getpid()}-{id(self)}"))
             for name in ("MONGODB_URI", "REDIS_URL", "LLM_BASE_URL"):
                 env.pop(name, None)
             cmd = [python_for_droid(), str(BENCH / "droid_server.py")]
