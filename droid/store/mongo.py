@@ -13,6 +13,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..errors import Conflict
+from ..util import dumps, loads
 from .base import ACTIVE, STATUSES, Store
 
 log = logging.getLogger(__name__)
@@ -194,14 +195,22 @@ class MongoStore(Store):
         return int(doc["value"]) if doc else 0
 
     async def insert_event(self, doc: dict) -> None:
+        # The envelope is stored as JSON text: it carries user metadata, whose keys may hold
+        # what BSON field names cannot ('\0'), and it is only ever read back whole.
+        stored = {**doc, "envelope": dumps(doc["envelope"]).decode()}
         try:
-            await self.events.insert_one(dict(doc))
+            await self.events.insert_one(stored)
         except DuplicateKeyError:
             raise Conflict(f"event {doc['seq']} of this user is already stored") from None
 
     async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
-        return await self.events.find({"userId": user_id, "seq": {"$gt": after}}).sort(
-            [("seq", ASCENDING)]).limit(limit).to_list(None)
+        docs = await self.events.find({"userId": user_id, "seq": {"$gt": after}},
+                                      {"_id": False}).sort([("seq", ASCENDING)]).limit(
+                                          limit).to_list(None)
+        for doc in docs:
+            if isinstance(doc["envelope"], str):
+                doc["envelope"] = loads(doc["envelope"])
+        return docs
 
     async def oldest_seq(self, user_id: str) -> int | None:
         doc = await self.events.find_one({"userId": user_id}, sort=[("seq", ASCENDING)])
