@@ -185,10 +185,19 @@ class MongoStore(Store):
     # events ----------------------------------------------------------------------------------
 
     async def next_seq(self, user_id: str) -> int:
-        doc = await self.counters.find_one_and_update(
-            {"_id": f"seq:{user_id}"}, {"$inc": {"value": 1}}, upsert=True,
-            return_document=ReturnDocument.AFTER)
-        return int(doc["value"])
+        # No upsert: concurrent upserts of a new counter may each insert-then-retry (MongoDB
+        # before 4.2 raises DuplicateKeyError; SecantusDB applies the $inc but returns no
+        # document, losing the number). The counter is created once, then only ever $inc'd.
+        key = f"seq:{user_id}"
+        while True:
+            doc = await self.counters.find_one_and_update(
+                {"_id": key}, {"$inc": {"value": 1}}, return_document=ReturnDocument.AFTER)
+            if doc is not None:
+                return int(doc["value"])
+            try:
+                await self.counters.insert_one({"_id": key, "value": 0})
+            except DuplicateKeyError:
+                pass
 
     async def last_seq(self, user_id: str) -> int:
         doc = await self.counters.find_one({"_id": f"seq:{user_id}"})
