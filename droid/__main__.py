@@ -1,6 +1,8 @@
-"""`python -m droid`: read the configuration, log, serve until SIGTERM or SIGINT."""
+"""`python -m droid` and the `droid` command: options, configuration, logging, serving until
+SIGTERM or SIGINT, and the exit codes (2 for anything the operator must change)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import logging
@@ -8,6 +10,9 @@ import os
 import signal
 import sys
 
+import tornado.netutil
+
+from . import __version__
 from .config import ConfigError, keep_generated_secret, load_config
 
 log = logging.getLogger("droid")
@@ -25,13 +30,54 @@ def describe_storage(config) -> None:
                  os.path.abspath(config.sqlite_path))
 
 
+HELP = """\
+Configuration comes from environment variables, or a .env file in the working directory (the
+environment wins). The main ones:
+
+  PORT, HOST            where to listen (3000, 0.0.0.0)
+  DROID_ENV             development (default), test or production
+  MONGODB_URI           a MongoDB database (default: SQLite in DROID_DATA_DIR, ./droid-data)
+  JWT_SECRET            HS256 key, at least 32 bytes (default: a random development key)
+  CORS_ORIGIN           comma-separated allowed origins (default *)
+  REDIS_URL             share events between processes
+  LLM_BASE_URL, LLM_MODEL, LLM_API_KEY
+                        an OpenAI-compatible API (default: the built-in demo agent)
+  METRICS_TOKEN         bearer token for GET /metrics
+  LOG_LEVEL             DEBUG, INFO (default), WARNING, ERROR
+
+Every variable is described in README.md and docs/contract.md. A bad value, or a port that
+cannot be listened on, stops start-up with one line on stderr and exit code 2.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="droid", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP,
+        description="Droid: tasks for AI agents over a REST API, with live Socket.IO events\n"
+                    "and a demo page at /. Serves until SIGTERM or SIGINT.")
+    parser.add_argument("--version", action="version", version=f"droid {__version__}")
+    return parser.parse_args(argv)
+
+
+def listen(config) -> list:
+    """Bind HOST:PORT before anything else starts; ConfigError names the address."""
+    try:
+        return tornado.netutil.bind_sockets(config.port, config.host)
+    except OSError as exc:
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        reason = (exc.strerror or str(exc)).lower()
+        raise ConfigError(f"cannot listen on {host}:{config.port}: {reason} "
+                          "(set PORT or HOST)") from None
+
+
 async def serve(config) -> None:
     from .app import make_app
 
+    sockets = listen(config)
     describe_storage(config)
     config = keep_generated_secret(config)
     droid = await make_app(config)
-    await droid.start()
+    await droid.start(sockets)
     # What start-up built lives as long as the process: take it out of the collector's view,
     # so that full collections (connection storms) do not walk it again and again.
     gc.collect()
@@ -60,7 +106,8 @@ async def serve(config) -> None:
     log.info("stopped")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parse_args(argv)
     try:
         config = load_config()
     except ConfigError as exc:

@@ -111,3 +111,22 @@ def test_the_data_folder_names_the_sqlite_file():
     assert load_config({}, dotenv_path=None).sqlite_path == os.path.join("droid-data",
                                                                         "droid.sqlite3")
     assert load_config({"DROID_DATA_DIR": ":memory:"}, dotenv_path=None).sqlite_path == ":memory:"
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"LLM_BASE_URL": "http://127.0.0.1:11434/v1"}, "LLM_MODEL"),
+    ({"LLM_BASE_URL": "http://127.0.0.1:11434/v1", "LLM_MODEL": " "}, "LLM_MODEL"),
+    ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
+])
+def test_llm_without_a_model_and_a_short_metrics_token_are_refused(env, name):
+    with pytest.raises(ConfigError) as info:
+        load_config(env, dotenv_path=None)
+    assert name in str(info.value)
+
+
+def test_llm_with_a_model_and_the_metrics_token_are_read():
+    config = load_config({"LLM_BASE_URL": "http://127.0.0.1:11434/v1/", "LLM_MODEL": "llama3.2",
+                          "METRICS_TOKEN": "m" * 32}, dotenv_path=None)
+    assert (config.llm_base_url, config.llm_model) == ("http://127.0.0.1:11434/v1", "llama3.2")
+    assert config.metrics_token == "m" * 32
+    assert load_config({}, dotenv_path=None).metrics_token is None

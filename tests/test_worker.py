@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from conftest import ISO_RE, Api, Listener, wait_until
 from droid.app import Droid
-from droid.llm import estimate_tokens
+from droid.llm import estimate_tokens, make_provider
 from droid.tasks import LOST_WORKER
 from droid.util import new_id, utcnow
 from tests.fake_llm import DEFAULT_ANSWER, FakeLLM, Step, refused_url, split_answer
@@ -224,7 +224,11 @@ async def test_agent_model_and_system_prompt_override_the_defaults(droid_factory
 
 async def test_default_agent_without_llm_model_fails_with_a_clear_error(droid_factory, session,
                                                                         fake):
-    app = await droid_factory(**llm(fake, LLM_MODEL=""))
+    # The configuration refuses LLM_BASE_URL without LLM_MODEL (tests/test_config.py); a
+    # provider built without a model still fails the task cleanly, without calling the API.
+    provider = make_provider(base_url=fake.base_url, api_key=KEY, model=None, timeout_s=5)
+    app = await droid_factory(provider=provider, **{k: v for k, v in llm(fake).items()
+                                                    if not k.startswith("LLM_")})
     s = await session(app)
     task = await s.create()
     failed = await s.wait("task.failed", task["id"])
