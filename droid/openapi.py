@@ -93,11 +93,16 @@ def build_openapi(version: str) -> dict:
                                                      "event": {"type": "string"},
                                                      "data": {"type": "string"}}}}}},
                           "400": _ERR, "401": _ERR}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "security": [{"bearer": []}],
+        "/metrics": {"get": {"summary": "Prometheus metrics",
+                             "description": "Needs `Authorization: Bearer <METRICS_TOKEN>` when "
+                                            "METRICS_TOKEN is set (user tokens are not accepted); "
+                                            "without it, open to loopback in development and "
+                                            "test, refused (403) otherwise.",
+                             "security": [{}, {"metricsToken": []}],
                              "responses": {"200": {"description": "Prometheus text format",
                                                    "content": {"text/plain": {
                                                        "schema": {"type": "string"}}}},
-                                           "401": _ERR}}},
+                                           "401": _ERR, "403": _ERR}}},
         "/health": {"get": _op("Liveness and dependencies", 200, s.Health, auth=False,
                                extra={"503": {"description": "A dependency is down",
                                               **_ref(s.Health)}})},
@@ -110,5 +115,6 @@ def build_openapi(version: str) -> dict:
         "paths": paths,
         "components": {"schemas": defs["$defs"],
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                                      "bearerFormat": "JWT"}}},
+                                                      "bearerFormat": "JWT"},
+                                           "metricsToken": {"type": "http", "scheme": "bearer"}}},
     }

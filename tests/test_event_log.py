@@ -130,7 +130,7 @@ async def test_metrics_are_prometheus_text(droid_factory, listen):
     sock = await listen(app.url, user["token"])
     await _tasks(api, user["token"], 1)
     await sock.next("task.completed")
-    reply = await api.get("/metrics", token=user["token"])
+    reply = await api.get("/metrics")  # open on loopback in test; METRICS_TOKEN: test_http.py
     assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain")
     text = reply.body
     assert 'droid_tasks{status="completed"} 1.0' in text

@@ -98,16 +98,15 @@ class StaticHandler(tornado.web.StaticFileHandler):
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
         try:
             return super().validate_absolute_path(root, absolute_path)
-        except tornado.web.HTTPError as exc:
-            # Tornado says 403 for folders and for paths outside the root: to a client these
-            # are files that do not exist, and one answer for all says nothing about the disk.
-            if exc.status_code in (403, 404):
-                raise tornado.web.HTTPError(404) from None
-            raise
         except ValueError:  # a NUL byte in the path
             raise tornado.web.HTTPError(404) from None
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 403:
+            # Tornado's 403s here are folders and paths outside the folder: to a client these are
+            # files that do not exist, and one answer for all says nothing about the disk.
+            status_code = 404
+            self.set_status(404)
         phrase = HTTPStatus(status_code).phrase
         body = {"statusCode": status_code, "error": phrase,
                 "message": "Cannot %s %s" % (self.request.method, self.request.path)
