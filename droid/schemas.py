@@ -1,13 +1,63 @@
-"""Request and response models: they validate requests and generate /openapi.json."""
+"""Request and response models: they validate requests and generate /openapi.json.
+
+They also bound what a user may store (`metadata`): whatever is accepted here must be storable
+by both stores (SQLite keeps it as JSON text, MongoDB keeps envelopes as BSON), publishable, and
+readable back, for good.
+"""
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True)]
 Priority = Literal["low", "normal", "high", "urgent"]
 Status = Literal["pending", "processing", "completed", "failed", "cancelled"]
+
+
+METADATA_MAX_DEPTH = 32          # objects and arrays nested in metadata, metadata itself included
+METADATA_MAX_BYTES = 16 * 1024   # metadata encoded as compact JSON
+_INT64 = (-2**63, 2**63 - 1)     # what BSON can hold; orjson also reads integers up to 2**64 - 1
+
+
+def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse metadata that some layer could not take (ValueError says which rule).
+
+    Depth: orjson refuses to encode more than 254 levels, so deeper metadata would be accepted
+    and then make every later read of the task or its events fail. Keys: BSON keys are C strings
+    (no NUL), and MongoDB reads an object with `$ref`/`$id` keys back as a DBRef, which has no
+    JSON form, so keys starting with `$` are refused. Integers: BSON holds 64-bit signed ones.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > METADATA_MAX_DEPTH:
+            raise ValueError(f"metadata must be nested at most {METADATA_MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if "\x00" in key:
+                    raise ValueError("metadata keys must not contain NUL characters")
+                if key.startswith("$"):
+                    raise ValueError("metadata keys must not start with $")
+                if isinstance(item, (dict, list)):
+                    stack.append((item, depth + 1))
+                elif isinstance(item, int) and not isinstance(item, bool):
+                    _check_int(item)
+        else:
+            for item in node:
+                if isinstance(item, (dict, list)):
+                    stack.append((item, depth + 1))
+                elif isinstance(item, int) and not isinstance(item, bool):
+                    _check_int(item)
+    if len(orjson.dumps(value)) > METADATA_MAX_BYTES:
+        raise ValueError(f"metadata must be at most {METADATA_MAX_BYTES} bytes as JSON")
+    return value
+
+
+def _check_int(value: int) -> None:
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError("metadata integers must fit in 64 bits (-2^63 to 2^63-1)")
 
 
 class Strict(BaseModel):
@@ -37,7 +87,15 @@ class TaskBody(Strict):
     agentId: str | None = Field(default=None, max_length=64)
     priority: Priority = "normal"
     metadata: dict[str, Any] | None = Field(
-        default=None, description="Any JSON object; returned as given")
+        default=None, description=(
+            f"Any JSON object, returned as given: at most {METADATA_MAX_BYTES} bytes as JSON, "
+            f"nested at most {METADATA_MAX_DEPTH} levels, keys without NUL and not starting "
+            "with $, integers within 64 bits"))
+
+    @field_validator("metadata")
+    @classmethod
+    def storable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else check_metadata(value)
 
     @field_validator("prompt")
     @classmethod
