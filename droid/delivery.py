@@ -23,9 +23,12 @@ python-engineio writer is idle, waiting on an empty queue. Any other socket (lon
 negotiated, writer busy or packets queued) gets the same pre-encoded packet through
 python-engineio's own queue, behind what is already there.
 
-**Bounds.** A socket with more than `max_backlog` messages not yet written (in python-engineio's
-queue, in Tornado's write buffer through python-engineio, or written here) is disconnected
-rather than buffered without bound; the client can come back and resume with `lastSeq`.
+**Bounds.** A socket with more than `max_backlog` messages, or more than `max_backlog_bytes`
+bytes, not yet written (in python-engineio's queue, in Tornado's write buffer through
+python-engineio, or written here) is disconnected rather than buffered without bound; the client
+can come back and resume with `lastSeq`. Bytes are counted before the message being written, so
+that one large message alone never trips the bound: a socket holds at most the bound plus one
+message.
 
 **Memory.** `EngineServer` gives each Engine.IO socket a `LeanQueue` through python-engineio's
 `create_queue` hook, and `websocket_handler` gives the Tornado driver's receive queue one too:
@@ -47,6 +50,7 @@ from .util import dumps
 log = logging.getLogger("droid.delivery")
 
 MAX_BACKLOG = 1000
+MAX_BACKLOG_BYTES = 4 * 1024 * 1024
 REPLAY_BATCH = 500
 GAP_WAIT_S = 0.2
 GAP_GIVE_UP_S = 3.0
@@ -112,11 +116,13 @@ class Delivery:
     """The /events sockets of this process, by user, and the envelopes written to them."""
 
     def __init__(self, sio: Any, store: Any, namespace: str, *, max_backlog: int = MAX_BACKLOG,
-                 gap_wait_s: float = GAP_WAIT_S, gap_give_up_s: float = GAP_GIVE_UP_S) -> None:
+                 max_backlog_bytes: int = MAX_BACKLOG_BYTES, gap_wait_s: float = GAP_WAIT_S,
+                 gap_give_up_s: float = GAP_GIVE_UP_S) -> None:
         self.sio = sio
         self.store = store
         self.namespace = namespace
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
         self.gap_wait_s = gap_wait_s
         self.gap_give_up_s = gap_give_up_s
         self.outboxes: dict[str, Outbox] = {}
@@ -193,7 +199,8 @@ class Delivery:
                 if not hole and envelope["seq"] == box.next_seq:
                     self._write(box, frames)
                     box.next_seq += 1
-                    if self._backlog(box) > self.max_backlog // 2:
+                    if self._backlog(box) > self.max_backlog // 2 or \
+                            self._backlog_bytes(box) > self.max_backlog_bytes // 2:
                         await self._drain(box)
                 else:
                     # Numbered but not stored yet (or never will be): hold the rest, and
@@ -319,10 +326,23 @@ class Delivery:
         sock = self.sio.eio.sockets.get(box.eio_sid)
         if sock is None or sock.closed:
             return
+        transport = self._transport(box.eio_sid)
+        if transport is not None:  # droid.transport's WebSocket: it writes, in order, or queues
+            if not transport.buffered():
+                box.direct = 0  # everything written before has reached the kernel
+            if transport.send_frames(frames.ws_bytes, frames.texts):
+                box.direct += frames.count
+            else:
+                for packet in frames.packets:
+                    sock.queue.put_nowait(packet)
+            if sock.queue.qsize() + (box.direct if transport.buffered() else 0) > self.max_backlog:
+                self._shed.append(box)
+            return
         queue = sock.queue
         queued = queue.qsize()
         handler = self._websocket(box.eio_sid) if sock.upgraded else None
         conn = getattr(handler, "ws_connection", None)
+        before = _pending_bytes(sock, conn)
         if (queued == 0 and conn is not None and conn._compressor is None
                 and _writer_idle(queue) and not conn.is_closing()):
             stream = conn.stream
@@ -336,15 +356,26 @@ class Delivery:
         else:
             for packet in frames.packets:
                 queue.put_nowait(packet)
-        if _pending(box, sock, handler, conn) > self.max_backlog:
+        if _pending(box, sock, handler, conn) > self.max_backlog or \
+                before > self.max_backlog_bytes:
             self._shed.append(box)
 
     def _backlog(self, box: Outbox) -> int:
         sock = self.sio.eio.sockets.get(box.eio_sid)
         if sock is None or sock.closed:
             return 0
+        transport = self._transport(box.eio_sid)
+        if transport is not None:
+            return sock.queue.qsize() + (box.direct if transport.buffered() else 0)
         handler = self._websocket(box.eio_sid) if sock.upgraded else None
         return _pending(box, sock, handler, getattr(handler, "ws_connection", None))
+
+    def _backlog_bytes(self, box: Outbox) -> int:
+        sock = self.sio.eio.sockets.get(box.eio_sid)
+        if sock is None or sock.closed:
+            return 0
+        handler = self._websocket(box.eio_sid) if sock.upgraded else None
+        return _pending_bytes(sock, getattr(handler, "ws_connection", None))
 
     async def _drain(self, box: Outbox) -> None:
         """Wait until a replay's backlog is down to a quarter of the bound, so that a long
@@ -352,7 +383,9 @@ class Delivery:
         that reads nothing for `DRAIN_TIMEOUT_S` is dropped."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT_S
-        while self.outboxes.get(box.sid) is box and self._backlog(box) > self.max_backlog // 4:
+        while self.outboxes.get(box.sid) is box and (
+                self._backlog(box) > self.max_backlog // 4
+                or self._backlog_bytes(box) > self.max_backlog_bytes // 4):
             if loop.time() > deadline:
                 self._shed.append(box)
                 return
@@ -360,9 +393,18 @@ class Delivery:
 
     def close_websocket(self, eio_sid: str) -> None:
         """Close the WebSocket of an Engine.IO session, if it has one open."""
+        transport = self._transport(eio_sid)
+        if transport is not None:
+            transport.close(1008)
+            return
         handler = self._websocket(eio_sid)
         if getattr(handler, "ws_connection", None) is not None:
             handler.close(1008)
+
+    def _transport(self, eio_sid: str) -> Any:
+        """The droid.transport WebSocket of a session, when the engine server is Droid's."""
+        transports = getattr(self.sio.eio, "ws_transports", None)
+        return transports.get(eio_sid) if transports is not None else None
 
     def _websocket(self, eio_sid: str) -> Any:
         handler = self.websockets.get(eio_sid)
@@ -378,8 +420,8 @@ class Delivery:
         for box in dict.fromkeys(laggards):
             if self.outboxes.get(box.sid) is not box:
                 continue
-            log.warning("client %s fell more than %d messages behind: disconnecting it",
-                        box.sid, self.max_backlog)
+            log.warning("client %s fell more than %d messages or %d bytes behind: "
+                        "disconnecting it", box.sid, self.max_backlog, self.max_backlog_bytes)
             if self.on_shed is not None:
                 self.on_shed(box.sid)
             self.remove(box.sid)
@@ -388,6 +430,10 @@ class Delivery:
     async def _drop(self, box: Outbox) -> None:
         sock = self.sio.eio.sockets.get(box.eio_sid)
         if sock is None or sock.closed:
+            return
+        transport = self._transport(box.eio_sid)
+        if transport is not None:
+            transport.abort()  # as below: the stream's end ends both sessions
             return
         conn = getattr(self._websocket(box.eio_sid), "ws_connection", None)
         if sock.upgraded and conn is not None:
@@ -422,6 +468,12 @@ def _pending(box: Outbox, sock: Any, handler: Any, conn: Any) -> int:
     return sock.queue.qsize() + direct + getattr(handler, "unwritten", 0)
 
 
+def _pending_bytes(sock: Any, conn: Any) -> int:
+    """Bytes written to a socket that have not left the process yet: in python-engineio's queue
+    (characters of its text packets) and in the WebSocket stream's write buffer."""
+    return sock.queue.bytes + (len(conn.stream._write_buffer) if conn is not None else 0)
+
+
 def _writer_idle(queue: Any) -> bool:
     """True when python-engineio's writer waits in queue.get() with nothing in hand.
 
@@ -435,13 +487,15 @@ class LeanQueue:
     """What python-engineio and its Tornado driver use of asyncio.Queue (unbounded), in a tenth
     of the memory: two of these per socket, where an asyncio.Queue allocates four deques and an
     Event up front (about 3.3 KB each, measured with tracemalloc). Items live in a list while
-    there are any; waiters are futures, each handed the next item, in order."""
+    there are any; waiters are futures, each handed the next item, in order. `bytes` counts the
+    text of the packets it holds, for the slow-consumer bound."""
 
-    __slots__ = ("_items", "_head", "_getters", "_unfinished", "_finished")
+    __slots__ = ("_items", "_head", "_getters", "_unfinished", "_finished", "bytes")
 
     def __init__(self) -> None:
         self._items: list | None = None
         self._head = 0
+        self.bytes = 0
         self._getters: list[asyncio.Future] | None = None
         self._unfinished = 0
         self._finished: asyncio.Event | None = None
@@ -473,6 +527,7 @@ class LeanQueue:
         if self._items is None:
             self._items = []
         self._items.append(item)
+        self.bytes += _size(item)
 
     async def put(self, item: Any) -> None:
         self.put_nowait(item)
@@ -483,6 +538,7 @@ class LeanQueue:
             raise asyncio.QueueEmpty
         item = items[self._head]
         items[self._head] = None
+        self.bytes -= _size(item)
         self._head += 1
         if self._head == len(items):
             self._items, self._head = None, 0
@@ -520,6 +576,11 @@ class LeanQueue:
             await self._finished.wait()
 
 
+def _size(item: Any) -> int:
+    data = getattr(item, "data", None)
+    return len(data) if isinstance(data, (str, bytes)) else 0
+
+
 class EngineServer(engineio.AsyncServer):
     """python-engineio's server with a LeanQueue per socket (`create_queue` is its public hook
     for the queue each socket gets)."""
@@ -531,8 +592,9 @@ class EngineServer(engineio.AsyncServer):
 def websocket_handler(base: type, delivery: Delivery, *, compression: bool) -> type:
     """python-engineio's Tornado handler, made to (1) register WebSockets that upgraded from
     long-polling with `delivery`, (2) negotiate per-message deflate only when `compression`,
-    and (3) drop a WebSocket client that falls more than MAX_BACKLOG messages behind in what
-    python-engineio hands to Tornado without waiting for it to be written.
+    and (3) drop a WebSocket client that falls more than `max_backlog` messages or
+    `max_backlog_bytes` bytes behind in what python-engineio hands to Tornado without waiting
+    for it to be written.
     """
 
     class Handler(base):  # type: ignore[misc, valid-type]
@@ -560,13 +622,16 @@ def websocket_handler(base: type, delivery: Delivery, *, compression: bool) -> t
             super().on_close()
 
         def write_message(self, message: Any, binary: bool = False) -> Any:
+            conn = self.ws_connection
+            before = len(conn.stream._write_buffer) if conn is not None else 0
             written = super().write_message(message, binary)
             self.unwritten += 1
             written.add_done_callback(self._written)
-            if self.unwritten > delivery.max_backlog and self.ws_connection is not None:
-                log.warning("WebSocket client %s is %d messages behind: disconnecting",
-                            self.request.remote_ip, self.unwritten)
-                self.ws_connection.stream.close()
+            if conn is not None and (self.unwritten > delivery.max_backlog
+                                     or before > delivery.max_backlog_bytes):
+                log.warning("WebSocket client %s is %d messages (%d bytes) behind: disconnecting",
+                            self.request.remote_ip, self.unwritten, before)
+                conn.stream.close()
             return written
 
         def _written(self, future: asyncio.Future) -> None:

@@ -17,7 +17,9 @@ background task. Droid has no binary events and needs nothing but the four clien
   EVENTs that are not a list starting with an event name, and turns any exception of the
   dispatch into a disconnect. It overrides a private method of python-socketio: setup.cfg pins
   python-socketio below 6. Being Droid's one AsyncServer subclass, it is also where python-engineio
-  is given `delivery.EngineServer` (lean per-socket queues).
+  is given its server class: `transport.TransportServer` (Droid's WebSocket transport, which
+  applies `transport.frame_refusal` to every frame itself) when `transport=True`, else
+  `delivery.EngineServer` (python-engineio's own WebSocket loop, lean per-socket queues).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import socketio
 from socketio import packet as sio_packet
 
 from .delivery import EngineServer
+from .transport import TransportServer, frame_refusal
 
 log = logging.getLogger("droid.guard")
 
@@ -49,15 +52,11 @@ def guard_frames(base: type) -> type:
 
     class Handler(base):  # type: ignore[misc, valid-type]
         async def on_message(self, message: str | bytes) -> Any:
-            if isinstance(message, bytes):
-                return self._refuse(1003, "binary frame")
-            kind = message[:1]
-            if kind not in ("1", "2", "3", "4", "5", "6"):
-                return self._refuse(1008, "not an Engine.IO packet")
-            if kind == "4" and refusal(message[1:]) is not None:
-                return self._refuse(1008, "not a Socket.IO client packet")
+            refused = frame_refusal(message)
+            if refused is not None:
+                return self._refuse(*refused)
             result = await super().on_message(message)
-            if kind == "1":  # CLOSE: the session is over; so is its connection
+            if message[:1] == "1":  # CLOSE: the session is over; so is its connection
                 self.close(1000)
             return result
 
@@ -75,8 +74,12 @@ class GuardedServer(socketio.AsyncServer):
     # Engine.IO session alone leaves it open until the ping timeout).
     close_transport: Callable[[str], None] | None = None
 
+    def __init__(self, *args: Any, transport: bool = False, **kwargs: Any) -> None:
+        self._droid_transport = transport  # read by _engineio_server_class, during __init__
+        super().__init__(*args, **kwargs)
+
     def _engineio_server_class(self) -> type:
-        return EngineServer
+        return TransportServer if self._droid_transport else EngineServer
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         why = refusal(data)
