@@ -328,14 +328,17 @@ class Delivery:
             return
         transport = self._transport(box.eio_sid)
         if transport is not None:  # droid.transport's WebSocket: it writes, in order, or queues
-            if not transport.buffered():
+            buffered = transport.buffered()
+            if not buffered:
                 box.direct = 0  # everything written before has reached the kernel
+            before = sock.queue.bytes + buffered
             if transport.send_frames(frames.ws_bytes, frames.texts):
                 box.direct += frames.count
             else:
                 for packet in frames.packets:
                     sock.queue.put_nowait(packet)
-            if sock.queue.qsize() + (box.direct if transport.buffered() else 0) > self.max_backlog:
+            if sock.queue.qsize() + (box.direct if transport.buffered() else 0) > \
+                    self.max_backlog or before > self.max_backlog_bytes:
                 self._shed.append(box)
             return
         queue = sock.queue
@@ -374,6 +377,9 @@ class Delivery:
         sock = self.sio.eio.sockets.get(box.eio_sid)
         if sock is None or sock.closed:
             return 0
+        transport = self._transport(box.eio_sid)
+        if transport is not None:
+            return sock.queue.bytes + transport.buffered()
         handler = self._websocket(box.eio_sid) if sock.upgraded else None
         return _pending_bytes(sock, getattr(handler, "ws_connection", None))
 

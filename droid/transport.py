@@ -54,12 +54,14 @@ from engineio import async_socket
 from engineio import packet as eio_packet
 from tornado.iostream import IOStream, StreamClosedError
 
-from .delivery import EngineServer, LeanQueue
+from .delivery import MAX_BACKLOG_BYTES, EngineServer, LeanQueue
 
 log = logging.getLogger("droid.transport")
 
 PROBING, UPGRADING, OPEN, CLOSED = "probing", "upgrading", "open", "closed"
-MAX_BUFFERED_BYTES = 4 * 1024 * 1024  # a client this far behind in reading is dropped
+# A client this far behind in reading is dropped: the contract's slow-consumer bound, in bytes,
+# as Delivery counts it (before the message being written: one large message never trips it).
+MAX_BUFFERED_BYTES = MAX_BACKLOG_BYTES
 _CLIENT_KINDS = frozenset("123456")
 _SIO_CLIENT_PACKETS = frozenset("0123")  # CONNECT, DISCONNECT, EVENT, ACK
 
@@ -285,17 +287,19 @@ class Transport:
         if self.raw:
             self._write_raw(ws_frame(payload, opcode))
             return
+        before = self.buffered()
         try:
             self.conn.write_message(payload, binary=opcode == 0x2)
         except tornado.websocket.WebSocketClosedError:
             return
-        self._check_bound()
+        self._check_bound(before)
 
     def _write_raw(self, data: bytes) -> None:
         stream = self.stream
         if stream.closed() or self.conn.server_terminated:
             return
-        if not stream._write_buffer and type(stream) is IOStream:
+        before = len(stream._write_buffer)
+        if not before and type(stream) is IOStream:
             # Nothing waits before it: one send(), and no Future, when the kernel takes it all.
             try:
                 sent = stream.socket.send(data)
@@ -311,15 +315,15 @@ class Transport:
             stream.write(data)
         except StreamClosedError:
             return
-        self._check_bound()
+        self._check_bound(before)
 
     def buffered(self) -> int:
         """Bytes written to this socket that have not reached the kernel yet."""
         buffer = getattr(self.stream, "_write_buffer", None)  # None once the stream is closed
         return len(buffer) if buffer is not None else 0
 
-    def _check_bound(self) -> None:
-        if self.buffered() > self.server.max_buffered_bytes:
+    def _check_bound(self, before: int) -> None:
+        if before > self.server.max_buffered_bytes:
             log.warning("WebSocket client %s is %d bytes behind: disconnecting", self._peer(),
                         self.buffered())
             if self.server.on_overflow is not None:
