@@ -181,7 +181,8 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     else:
         presence = LocalPresence()
     tokens = Tokens(config)
-    events = EventsService(sio, store, metrics, relay=manager)
+    events = EventsService(sio, store, metrics, relay=manager,
+                           max_backlog_bytes=config.max_backlog_bytes)
     sio.close_transport = events.delivery.close_websocket
     if manager is not None:
         manager.on_envelope = events.receive

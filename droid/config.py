@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import secrets
 from typing import Mapping
@@ -49,6 +50,13 @@ class Config:
     presence_ttl_s: float = 15.0
     redis_tls_verify: bool = True
     event_retention_s: int = 48 * 3600
+    # Limits against slow, large or repeated requests (README "Limits").
+    trusted_proxies: tuple[str, ...] = ()  # whose X-Forwarded-For is used: addresses, or "*"
+    max_backlog_bytes: int = 4 * 1024 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    auth_attempts_per_address: int = 30  # a minute, login and registration together
+    auth_failures_per_account: int = 10  # in 10 minutes, failed logins and registrations
     instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
 
     @property
@@ -120,6 +128,22 @@ def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} is not a valid URL") from None
     if parts.scheme not in schemes or not parts.netloc:
         raise ConfigError(f"{name} must start with {' or '.join(s + '://' for s in schemes)}")
+
+
+def _proxies(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("DROID_TRUSTED_PROXIES", "").strip()
+    items = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if "*" in items:
+        if len(items) > 1:
+            raise ConfigError("DROID_TRUSTED_PROXIES is either * or a list of addresses")
+        return items
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"DROID_TRUSTED_PROXIES: {item!r} is not an IP address or "
+                              f"network") from None
+    return items
 
 
 def _db_from_uri(uri: str | None) -> str | None:
@@ -211,6 +235,12 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         presence_ttl_s=_float(env, "DROID_PRESENCE_TTL_S", 15.0, 0.5),
         redis_tls_verify=_bool(env, "REDIS_TLS_VERIFY", True),
         event_retention_s=_int(env, "DROID_EVENT_RETENTION_S", 48 * 3600, 86400),
+        trusted_proxies=_proxies(env),
+        max_backlog_bytes=_int(env, "DROID_MAX_BACKLOG_BYTES", 4 * 1024 * 1024, 64 * 1024),
+        header_timeout_s=_float(env, "DROID_HEADER_TIMEOUT_S", 10.0, 0.1),
+        body_timeout_s=_float(env, "DROID_BODY_TIMEOUT_S", 60.0, 0.1),
+        auth_attempts_per_address=_int(env, "DROID_AUTH_ATTEMPTS_PER_ADDRESS", 30, 1),
+        auth_failures_per_account=_int(env, "DROID_AUTH_FAILURES_PER_ACCOUNT", 10, 1),
     )
 
 

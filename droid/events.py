@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 import socketio
 
 from .auth import AuthError, Tokens, bearer
-from .delivery import Delivery
+from .delivery import MAX_BACKLOG_BYTES, Delivery
 from .store import Store
 from .util import iso, now_iso, utcnow
 
@@ -75,14 +75,14 @@ class EventsService:
     """Publishes task events: numbered, stored for resume, delivered to the owner's sockets."""
 
     def __init__(self, sio: socketio.AsyncServer, store: Store, metrics: Any = None,
-                 relay: Any = None) -> None:
+                 relay: Any = None, *, max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
         self.sio = sio
         self.store = store
         self.metrics = metrics
         # Another process's publisher: `publish_envelope(user_id, event, envelope)`, which
         # comes back through `receive` there.
         self.relay = relay
-        self.delivery = Delivery(sio, store, NAMESPACE)
+        self.delivery = Delivery(sio, store, NAMESPACE, max_backlog_bytes=max_backlog_bytes)
         if metrics is not None:
             self.delivery.on_shed = lambda sid: metrics.sockets_shed.inc()
         self.user_locks = KeyedLocks()
@@ -361,11 +361,13 @@ class EventsGateway:
             return None
         if state.limiter.allow():
             return state
+        # Every dropped event is answered (the contract: "dropped and answered"); a client that
+        # floods without reading its answers falls behind and is cut by the slow-consumer bound.
+        self.events.delivery.send(sid, "error", {"message": "Rate limit exceeded"})
         now = time.monotonic()
-        if now - state.limiter.warned_at >= 1.0:  # one answer a second, not one per event
+        if now - state.limiter.warned_at >= 1.0:  # the log says it once a second
             state.limiter.warned_at = now
             gateway_log.info("client %s: rate limit exceeded", sid)
-            self.events.delivery.send(sid, "error", {"message": "Rate limit exceeded"})
         return None
 
     async def _answer(self, sid: str, event: str, payload: dict) -> dict:

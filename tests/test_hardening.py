@@ -98,7 +98,8 @@ async def test_deep_or_large_metadata_is_400_and_the_user_stays_readable(served,
                                token=user["token"])
         assert reply.status == 201, reply.body
         assert reply.body["metadata"] == metadata
-        created = await sock.next("task.created", where=lambda d: d["data"]["id"] == reply.body["id"])
+        created = await sock.next("task.created",
+                                  where=lambda d: d["data"]["id"] == reply.body["id"])
         assert created["data"]["metadata"] == metadata
     seen = await readable(api, user["token"])
     assert len(seen["tasks"]) == 2
@@ -146,7 +147,8 @@ async def test_odd_but_storable_metadata_is_stored_published_and_readable(served
     for task_id, metadata in zip(ids, odd):
         created = await sock.next("task.created", where=lambda d, i=task_id: d["data"]["id"] == i)
         assert created["data"]["metadata"] == metadata
-        final = await sock.next("task.completed", where=lambda d, i=task_id: d["data"]["taskId"] == i)
+        final = await sock.next("task.completed",
+                                where=lambda d, i=task_id: d["data"]["taskId"] == i)
         assert final["seq"] > created["seq"]
     seen = await readable(api, user["token"])
     seqs = [e["seq"] for e in seen["events"]]

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import logging
 
+import tornado.gen
 import tornado.iostream
 
 from ..auth import AuthError, bearer
@@ -13,6 +16,10 @@ from .base import ApiHandler
 
 KEEPALIVE_S = 15.0
 POLL_S = 1.0
+BATCH = 500
+DRAIN_TIMEOUT_S = 30.0
+
+log = logging.getLogger(__name__)
 
 
 class EventsHandler(ApiHandler):
@@ -26,7 +33,13 @@ class EventsHandler(ApiHandler):
 
 
 class EventStreamHandler(ApiHandler):
-    """Live envelopes as SSE, read from the event store so that resume has no gap."""
+    """Live envelopes as SSE, read from the event store so that resume has no gap.
+
+    The stream is read from the store only as fast as the client takes it: what is written
+    waits to be flushed before more is read, and one write is at most DROID_MAX_BACKLOG_BYTES
+    (plus one envelope), the slow-consumer bound of the sockets. A client that takes nothing for
+    DRAIN_TIMEOUT_S is disconnected (EventSource reconnects with Last-Event-ID).
+    """
 
     def authenticate(self):  # EventSource cannot send headers: accept ?token= as well
         header = bearer(self.request.headers.get("Authorization"))
@@ -49,23 +62,31 @@ class EventStreamHandler(ApiHandler):
         wakeup = self._wakeup = events.watch(user_id)
         try:
             idle = 0.0
+            budget = self.config.max_backlog_bytes
             while not self._closed:
-                docs = await self.store.events_after(user_id, after, 500)
+                docs = await self.store.events_after(user_id, after, BATCH)
+                written = 0
                 for doc in docs:
                     env = doc["envelope"]
+                    data = dumps(env)
                     self.write(f"id: {env['seq']}\nevent: {env['event']}\ndata: ")
-                    self.write(dumps(env))
+                    self.write(data)
                     self.write("\n\n")
                     after = env["seq"]
+                    written += len(data)
+                    if written >= budget:
+                        break
                 if docs:
                     idle = 0.0
-                    await self.flush()
-                    if len(docs) == 500:
+                    if not await self._drain():
+                        break
+                    if len(docs) == BATCH or written >= budget:
                         continue
                 elif idle >= KEEPALIVE_S:
                     idle = 0.0
                     self.write(": keepalive\n\n")
-                    await self.flush()
+                    if not await self._drain():
+                        break
                 wakeup.clear()
                 try:
                     await asyncio.wait_for(wakeup.wait(), POLL_S)
@@ -77,6 +98,20 @@ class EventStreamHandler(ApiHandler):
             events.unwatch(user_id, wakeup)
         if not self._closed:
             self.finish()
+
+    async def _drain(self) -> bool:
+        """Flush what was written; False when the client took nothing for DRAIN_TIMEOUT_S (it
+        is then disconnected) or is gone."""
+        try:
+            await tornado.gen.with_timeout(dt.timedelta(seconds=DRAIN_TIMEOUT_S), self.flush(),
+                                           quiet_exceptions=tornado.iostream.StreamClosedError)
+        except asyncio.TimeoutError:
+            log.warning("SSE client %s took nothing for %.0f s: disconnecting it",
+                        self.request.remote_ip, DRAIN_TIMEOUT_S)
+            self._closed = True
+            self.request.connection.close()
+            return False
+        return not self._closed
 
     def _resume_point(self) -> int:
         raw = self.request.headers.get("Last-Event-ID") or self.get_query_argument("after", "0")
