@@ -231,8 +231,9 @@ async def test_tasks_page_newest_first_with_a_cursor_across_ties(store: Store) -
     expected = sorted(docs, key=lambda d: (d["createdAt"], d["_id"]), reverse=True)
 
     for limit in (1, 2, 3):
-        seen, after = [], None
-        while True:
+        seen: list[dict] = []
+        after = None
+        for _ in range(len(docs) + 1):  # bounded: a cursor that repeats itself must not hang
             page = await store.tasks_page(user, status=None, agent_id=None, limit=limit,
                                           after=after)
             assert len(page) <= limit
