@@ -33,7 +33,10 @@ that one request):
                       or is `Step.answer` when given
 
 Each `ReceivedRequest` has `ended` (an asyncio.Event set when the fake is done with the request)
-and `outcome`: "answered", or "client_left" when the client closed the connection first.
+and `outcome`: "answered", or "client_left" when the client closed the connection first;
+`disconnected` says whether the client has closed the connection that request came on.
+`open_connections` counts the client connections still open (kept alive between requests, or
+not); `wait_until(condition)` polls a condition such as these two, with a timeout.
 
 `refused_url()` gives a base URL on which nothing listens.
 """
@@ -50,7 +53,7 @@ from typing import Any
 
 import orjson
 from tornado.httpserver import HTTPServer
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
 
@@ -85,6 +88,12 @@ class ReceivedRequest:
     behaviour: str
     outcome: str = "pending"
     ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    connection: IOStream | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def disconnected(self) -> bool:
+        """Whether the connection this request came on is closed (Tornado saw its end)."""
+        return self.connection is not None and self.connection.closed()
 
 
 def split_answer(answer: str) -> list[str]:
@@ -113,6 +122,7 @@ class FakeLLM:
         self.usage = usage
         self.chunks = chunks  # explicit stream pieces; default split_answer(answer)
         self.requests: list[ReceivedRequest] = []
+        self.connections: list[IOStream] = []
         self.port = 0
         self._queue: deque[Step] = deque()
         self._server: HTTPServer | None = None
@@ -127,6 +137,20 @@ class FakeLLM:
     def scripted(self) -> int:
         """How many scripted behaviours are still waiting for a request."""
         return len(self._queue)
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections accepted and not closed yet."""
+        return sum(1 for stream in self.connections if not stream.closed())
+
+    async def wait_until(self, condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Wait until `condition()` is true, checking every 5 ms; raises TimeoutError.
+
+        Polled: Tornado has no public hook for the end of a connection once its request is done.
+        """
+        async with asyncio.timeout(timeout_s):
+            while not condition():
+                await asyncio.sleep(0.005)
 
     def script(self, *steps: str | Step) -> None:
         """Queue behaviours for the next requests, one per request, in order."""
@@ -148,7 +172,8 @@ class FakeLLM:
         sock, self.port = bind_unused_port()
         app = Application([(r"/v1/chat/completions", _CompletionsHandler, {"fake": self}),
                            (r"/v1/models", _ModelsHandler)])
-        self._server = HTTPServer(app)
+        self._server = _TrackingServer(app)
+        self._server.fake = self
         self._server.add_sockets([sock])
         self._released = asyncio.Event()
         return self
@@ -176,6 +201,16 @@ class FakeLLM:
             self._arrived.notify_all()
 
 
+class _TrackingServer(HTTPServer):
+    """Tornado's HTTP server, keeping every accepted connection's stream for the fake."""
+
+    fake: FakeLLM  # set after construction: HTTPServer takes its arguments in initialize()
+
+    def handle_stream(self, stream: IOStream, address: Any) -> None:
+        self.fake.connections.append(stream)
+        super().handle_stream(stream, address)
+
+
 class _ModelsHandler(RequestHandler):
     def get(self) -> None:
         self.write({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
@@ -200,7 +235,7 @@ class _CompletionsHandler(RequestHandler):
         received = ReceivedRequest(
             method=self.request.method or "POST", path=self.request.path,
             headers=dict(self.request.headers.get_all()), body=body, raw=self.request.body,
-            behaviour=step.kind)
+            behaviour=step.kind, connection=getattr(self.request.connection, "stream", None))
         await self.fake._record(received)
         try:
             await self._behave(step, body)

@@ -1,15 +1,18 @@
 """droid.llm: the demo agent, and the OpenAI-compatible provider against a real fake server."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+import droid.llm
 from droid.llm import (
     AgentError,
     AgentResult,
@@ -462,3 +465,120 @@ async def test_repr_and_close(fake: FakeLLM) -> None:
     await ask(provider)
     await provider.close()
     await provider.close()
+
+
+# OpenAI-compatible provider: connections, the SDK, and what it may not do ----------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("behaviour", ["hang", "stream_hang"])
+async def test_cancel_closes_the_connection_within_a_second(fake: FakeLLM, providers,
+                                                            behaviour: str) -> None:
+    """Before the first byte or mid-stream: the server learns at once that nobody waits."""
+    fake.script(behaviour)
+    deltas = Deltas()
+    task = asyncio.ensure_future(ask(providers(fake.base_url, timeout_s=30), on_delta=deltas))
+    (request,) = await fake.wait_for_requests(1)
+    if behaviour == "stream_hang":
+        await asyncio.wait_for(deltas.arrived.wait(), 5)
+    assert not request.disconnected
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await fake.wait_until(lambda: request.disconnected, timeout_s=1.0)
+    await asyncio.wait_for(request.ended.wait(), 1.0)
+    assert request.outcome == "client_left"
+
+
+@pytest.mark.asyncio
+async def test_timeout_bounds_the_whole_request(fake: FakeLLM, providers) -> None:
+    """LLM_TIMEOUT_S is for the whole answer, not for each read: a trickle cannot outlive it."""
+    fake.script(Step("stream", answer="a b c d e f g h i j k l m n o p", chunk_delay_s=0.1))
+    deltas = Deltas()
+    error = await failure(providers(fake.base_url, timeout_s=0.5), on_delta=deltas)
+    assert error.message == "LLM API timed out after 0.5s"
+    assert error.retryable
+    assert 0 < len(deltas.items) < 16
+    (request,) = fake.requests
+    await fake.wait_until(lambda: request.disconnected, timeout_s=1.0)
+    await asyncio.wait_for(request.ended.wait(), 5)
+    assert request.outcome == "client_left"
+
+
+@pytest.mark.asyncio
+async def test_close_closes_the_kept_alive_connection(fake: FakeLLM) -> None:
+    provider = OpenAIProvider(fake.base_url, KEY, "m")
+    await ask(provider)
+    await ask(provider)
+    assert fake.open_connections == 1  # one connection, kept alive and reused
+    await provider.close()
+    await fake.wait_until(lambda: fake.open_connections == 0, timeout_s=1.0)
+
+
+@pytest.mark.asyncio
+async def test_stopping_droid_closes_the_llm_client(fake: FakeLLM, droid_factory) -> None:
+    app = await droid_factory(LLM_BASE_URL=fake.base_url, LLM_MODEL="m", LLM_API_KEY=KEY,
+                              WORKER_CONCURRENCY=1)
+    provider = app.worker.provider
+    assert isinstance(provider, OpenAIProvider)
+    await ask(provider)
+    assert fake.open_connections == 1
+    await app.stop()
+    await fake.wait_until(lambda: fake.open_connections == 0, timeout_s=1.0)
+
+
+@pytest.mark.asyncio
+async def test_sdk_environment_variables_are_not_used(fake: FakeLLM, providers,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Droid reads its own configuration only: an OPENAI_API_KEY meant for OpenAI must never be
+    sent to the configured server, and OPENAI_BASE_URL must not redirect the requests."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    monkeypatch.setenv("OPENAI_BASE_URL", refused_url())
+    await ask(providers(fake.base_url, api_key=None))
+    (request,) = fake.requests
+    assert "Authorization" not in request.headers
+    assert "sk-from-the-environment" not in str(request.headers)
+
+
+@pytest.mark.asyncio
+async def test_requests_are_not_logged_with_their_url(fake: FakeLLM, providers,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The SDK's HTTP library would log each request's URL at INFO; Droid keeps it quiet."""
+    caplog.set_level(logging.INFO)
+    await ask(providers(fake.base_url, api_key=KEY))
+    fake.script("error401")
+    await failure(providers(fake.base_url, api_key=KEY))
+    logged = [r for r in caplog.records if not r.name.startswith("tornado")]
+    assert logged == []
+
+
+@pytest.mark.asyncio
+async def test_the_sdk_does_not_retry(fake: FakeLLM, providers) -> None:
+    """The worker owns retries and backoff; one attempt is one request."""
+    fake.script("error503", "error429", "reset")
+    for _ in range(3):
+        assert (await failure(providers(fake.base_url))).retryable
+    assert len(fake.requests) == 3
+
+
+def test_llm_imports_nothing_private() -> None:
+    """droid/llm.py uses Tornado and the openai SDK through their public names only."""
+    tree = ast.parse(Path(droid.llm.__file__).read_text(encoding="utf-8"))
+    private: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] in ("tornado", "openai", "httpx", "httpx2", "httpcore") and any(
+                    part.startswith("_") for part in parts):
+                private.append(name)
+    assert private == []
+    # ... and reaches into no private attribute of them either (`openai._client`, `x._send`).
+    attributes = {node.attr for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in ("openai", "tornado")}
+    assert {a for a in attributes if a.startswith("_")} == set()
