@@ -115,7 +115,9 @@ def event_doc(user_id: str, seq: int, created: dt.datetime | None = None) -> dic
     created = created or utcnow()
     envelope = {"event": "task.created", "seq": seq, "timestamp": "2026-01-01T00:00:00.000Z",
                 "data": {"taskId": f"t{seq}", "text": "ünïcødé ✓", "n": [1, 2.5, None, True],
-                         "nested": {"empty": {}, "none": None}}}
+                         "nested": {"empty": {}, "none": None},
+                         # User metadata: keys a BSON field name cannot be, stored all the same.
+                         "metadata": {"a.b": 1, "$set": {"x": 2}, "nul\x00key": "v", "": 0}}}
     return {"userId": user_id, "seq": seq, "event": "task.created", "envelope": envelope,
             "createdAt": created}
 
