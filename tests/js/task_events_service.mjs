@@ -1,4 +1,4 @@
-// The Node.js example of spec/realtime-events.md, exactly as written there but for the URL and
+// The Node.js example of docs/protocol.md, exactly as written there but for the URL and
 // the token, which come from DROID_EVENTS_URL and DROID_TOKEN (run by tests/test_events_js.py).
 import { io } from 'socket.io-client';
 
