@@ -5,7 +5,8 @@ Each test runs on an SQLite file, an in-memory SQLite database and MongoDB over 
 dropped afterwards). Where a test needs several store objects on one database (several
 connections, as several processes have), the in-memory backend, which is private to one store
 object, gives the same store each time and the concurrency comes from coroutines alone.
-Document counts stay small: SecantusDB scans and sorts in memory (tens of ms per claim).
+The MongoDB share stays small, since SecantusDB scans and sorts in memory (tens of ms per claim);
+the concurrency tests run ten times the counts on SQLite.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class Backend:
         self.mongo_uri = mongo_uri
         self.db_name = f"droid_store_{uuid.uuid4().hex[:12]}"
         self.opened: list[Store] = []
+        # SecantusDB scans and sorts in memory: the MongoDB share stays small.
+        self.scale = 1 if name == "mongo" else 10
 
     def new(self, **kwargs: int) -> Store:
         if self.name == "mongo":
@@ -321,8 +324,9 @@ async def test_concurrent_claims_never_hand_out_one_attempt_twice(backend: Backe
     stores = await backend.peers(3)
     user = new_id()
     base = utcnow() - secs(60)
+    n = 30 * backend.scale
     docs = [task_doc(user, created=base + dt.timedelta(milliseconds=i),
-                     priority=("low", "normal", "high")[i % 3]) for i in range(30)]
+                     priority=("low", "normal", "high")[i % 3]) for i in range(n)]
     for doc in docs:
         await stores[0].insert_task(doc)
     now = utcnow()
@@ -341,7 +345,7 @@ async def test_concurrent_claims_never_hand_out_one_attempt_twice(backend: Backe
         stored = await stores[1].task_by_id(task_id)
         assert (stored["status"], stored["attempt"], stored["leaseOwner"]) == \
             ("processing", 1, name)
-    assert (await stores[2].count_by_status())["processing"] == 30
+    assert (await stores[2].count_by_status())["processing"] == n
 
 
 # tasks: attempts ---------------------------------------------------------------------------
@@ -543,14 +547,15 @@ async def test_next_seq_has_no_gap_or_repeat_under_concurrent_publishers(
         backend: Backend) -> None:
     stores = await backend.peers(3)
     alice, bob = new_id(), new_id()
-    calls = [stores[i % 3].next_seq(alice if i % 4 else bob) for i in range(80)]
+    n = 80 * backend.scale  # three in four for alice, one in four for bob
+    calls = [stores[i % 3].next_seq(alice if i % 4 else bob) for i in range(n)]
     results = await asyncio.gather(*calls)
     got_alice = sorted(r for i, r in enumerate(results) if i % 4)
     got_bob = sorted(r for i, r in enumerate(results) if not i % 4)
-    assert got_alice == list(range(1, 61))
-    assert got_bob == list(range(1, 21))
-    assert [await s.last_seq(alice) for s in stores] == [60, 60, 60]
-    assert await stores[0].last_seq(bob) == 20
+    assert got_alice == list(range(1, n * 3 // 4 + 1))
+    assert got_bob == list(range(1, n // 4 + 1))
+    assert [await s.last_seq(alice) for s in stores] == [n * 3 // 4] * 3
+    assert await stores[0].last_seq(bob) == n // 4
 
 
 async def test_events_after_ascending_with_limit(store: Store) -> None:
