@@ -18,6 +18,7 @@ from . import __version__
 from .agents import AgentService
 from .auth import Passwords, Tokens
 from .config import Config
+from .cors import Origins, refuse_origins
 from .delivery import Delivery, websocket_handler
 from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence
 from .guard import GuardedServer, guard_frames
@@ -32,6 +33,7 @@ from .metrics import Metrics
 from .openapi import build_openapi
 from .store import Store, store_from_config
 from .tasks import TaskService
+from .transport import TransportServer, tornado_handler
 from .util import OrjsonModule
 from .worker import Worker
 
@@ -62,14 +64,24 @@ def static_path() -> str:
 
 
 MAX_PACKET = 64 * 1024
+# WebSockets through droid/transport.py (True) or python-engineio's own loop (False)
+WS_TRANSPORT = True
 
 
-def socketio_handler(sio: socketio.AsyncServer, delivery: Delivery, compression: bool) -> type:
+def socketio_handler(sio: socketio.AsyncServer, delivery: Delivery, compression: bool,
+                     origins: Origins) -> type:
     """python-engineio's Tornado handler, with per-message deflate made optional (off by default:
-    it costs memory and CPU per socket, and OWASP advises against it), and its WebSocket
-    connections known to the app, which closes them at shutdown."""
-    base = websocket_handler(guard_frames(socketio.get_tornado_handler(sio)), delivery,
-                             compression=compression)
+    it costs memory and CPU per socket, and OWASP advises against it), browser origins checked
+    first (droid/cors.py), and its WebSocket connections known to the app, which closes them at
+    shutdown."""
+    if isinstance(sio.eio, TransportServer):  # Droid's WebSocket transport (droid/transport.py)
+        sio.eio.on_overflow = delivery.on_shed
+        sio.eio.max_buffered_bytes = delivery.max_backlog_bytes  # one slow-consumer bound
+        base = refuse_origins(tornado_handler(sio.eio, compression=compression), origins)
+    else:
+        base = websocket_handler(guard_frames(refuse_origins(socketio.get_tornado_handler(sio),
+                                                             origins)), delivery,
+                                 compression=compression)
 
     class Handler(base):  # type: ignore[misc, valid-type]
         live: set = set()  # open WebSocket connections of this app, closed at shutdown
@@ -168,11 +180,12 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         from .cluster import make_manager, make_redis, redis_tls_verify
         redis = make_redis(config.redis_url, tls_verify=redis_tls_verify(config))
         manager = make_manager(config, redis)
+    origins = Origins(config.cors_origins)
     sio = GuardedServer(
         async_mode="tornado", client_manager=manager, namespaces="*",
-        cors_allowed_origins="*" if config.cors_any else list(config.cors_origins),
+        cors_allowed_origins=origins.for_engineio(),
         max_http_buffer_size=MAX_PACKET, json=OrjsonModule, ping_interval=25, ping_timeout=20,
-        logger=False, engineio_logger=False)
+        logger=False, engineio_logger=False, transport=WS_TRANSPORT)
     if redis is not None:
         from .cluster import RedisPresence, presence_ttl_s
         presence: Any = RedisPresence(redis, config.instance_id, sio=sio,
@@ -207,7 +220,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         default_handler_class=NotFoundHandler, log_function=log_request, websocket_max_message_size=MAX_PACKET,
         redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
     )
-    ws_handler = socketio_handler(sio, events.delivery, config.ws_compression)
+    ws_handler = socketio_handler(sio, events.delivery, config.ws_compression, origins)
     routes = [
         (r"/auth/register", RegisterHandler),
         (r"/auth/login", LoginHandler),
