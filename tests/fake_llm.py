@@ -38,20 +38,30 @@ and `outcome`: "answered", or "client_left" when the client closed the connectio
 `open_connections` counts the client connections still open (kept alive between requests, or
 not); `wait_until(condition)` polls a condition such as these two, with a timeout.
 
-`refused_url()` gives a base URL on which nothing listens.
+`refused_url()` gives a base URL on which nothing listens. `FakeLLM(tls=True)` serves HTTPS with
+a self-signed certificate (which no client trusts).
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
+import ipaddress
 import re
+import ssl
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.testing import bind_unused_port
@@ -114,7 +124,7 @@ class FakeLLM:
     def __init__(self, *, answer: str = DEFAULT_ANSWER, mode: str = "auto",
                  chunk_delay_s: float = 0.0, usage: dict[str, int] | None = DEFAULT_USAGE,
                  chunks: list[str] | None = None,
-                 answer_for: Callable[[Any], str] | None = None) -> None:
+                 answer_for: Callable[[Any], str] | None = None, tls: bool = False) -> None:
         self.answer = answer
         self.answer_for = answer_for  # computes the answer from the request body, if set
         self.mode = mode
@@ -124,6 +134,7 @@ class FakeLLM:
         self.requests: list[ReceivedRequest] = []
         self.connections: list[IOStream] = []
         self.port = 0
+        self.tls = tls
         self._queue: deque[Step] = deque()
         self._server: HTTPServer | None = None
         self._released = asyncio.Event()
@@ -131,7 +142,7 @@ class FakeLLM:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     @property
     def scripted(self) -> int:
@@ -172,7 +183,7 @@ class FakeLLM:
         sock, self.port = bind_unused_port()
         app = Application([(r"/v1/chat/completions", _CompletionsHandler, {"fake": self}),
                            (r"/v1/models", _ModelsHandler)])
-        self._server = _TrackingServer(app)
+        self._server = _TrackingServer(app, ssl_options=_self_signed() if self.tls else None)
         self._server.fake = self
         self._server.add_sockets([sock])
         self._released = asyncio.Event()
@@ -199,6 +210,29 @@ class FakeLLM:
         async with self._arrived:
             self.requests.append(request)
             self._arrived.notify_all()
+
+
+def _self_signed() -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as folder:  # load_cert_chain reads files only
+        cert_file, key_file = Path(folder, "cert.pem"), Path(folder, "key.pem")
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 class _TrackingServer(HTTPServer):

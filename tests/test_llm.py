@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 
 import droid.llm
+from droid.agents import DEFAULT_AGENT_ID
 from droid.llm import (
     AgentError,
     AgentResult,
@@ -393,6 +394,20 @@ async def test_refused_connection_is_retryable() -> None:
 
 
 @pytest.mark.asyncio
+async def test_untrusted_tls_certificate_is_not_retryable() -> None:
+    async with FakeLLM(tls=True) as server:
+        provider = OpenAIProvider(server.base_url, KEY, "m", timeout_s=5)
+        try:
+            error = await failure(provider)
+        finally:
+            await provider.close()
+    assert not error.retryable
+    assert error.message == (f"Could not connect to the LLM API at {server.base_url}: "
+                             "TLS certificate verification failed")
+    assert server.requests == []
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("behaviour", ["reset", "stream_cut"])
 async def test_connection_dropped_by_the_server_is_retryable(fake: FakeLLM, providers,
                                                              behaviour: str) -> None:
@@ -487,6 +502,20 @@ async def test_cancel_closes_the_connection_within_a_second(fake: FakeLLM, provi
     await fake.wait_until(lambda: request.disconnected, timeout_s=1.0)
     await asyncio.wait_for(request.ended.wait(), 1.0)
     assert request.outcome == "client_left"
+
+
+@pytest.mark.asyncio
+async def test_cancelling_a_task_closes_its_llm_connection_within_a_second(
+        fake: FakeLLM, droid_factory) -> None:
+    """The same through the worker: a user's cancel cancels the attempt's task."""
+    fake.script("hang")
+    app = await droid_factory(LLM_BASE_URL=fake.base_url, LLM_MODEL="m", LLM_TIMEOUT_S=30,
+                              TASK_TIMEOUT_S=30, WORKER_CONCURRENCY=1)
+    task, _ = await app.tasks.create("user-1", agent_id=DEFAULT_AGENT_ID, prompt="cancel me")
+    (request,) = await fake.wait_for_requests(1)
+    assert not request.disconnected
+    await app.tasks.cancel("user-1", task["id"])
+    await fake.wait_until(lambda: request.disconnected, timeout_s=1.0)
 
 
 @pytest.mark.asyncio
