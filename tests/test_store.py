@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import pathlib
+import sys
 import uuid
 from typing import AsyncIterator
 
@@ -24,10 +27,12 @@ from droid.store import PRIORITY_RANK, STATUSES, Store
 from droid.store.mongo import MongoStore
 from droid.store.sqlite import SqliteStore
 from droid.util import utcnow
+from redis_server import die_with_parent
 
 pytestmark = pytest.mark.asyncio
 
 BACKENDS = ("sqlite-file", "sqlite-memory", "mongo")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPOCH_2000 = dt.datetime(2000, 1, 1)
 
 
@@ -346,6 +351,89 @@ async def test_concurrent_claims_never_hand_out_one_attempt_twice(backend: Backe
         assert (stored["status"], stored["attempt"], stored["leaseOwner"]) == \
             ("processing", 1, name)
     assert (await stores[2].count_by_status())["processing"] == n
+
+
+async def claim_and_count(store: Store, name: str, claimers: int, seqs: int,
+                          user: str) -> dict:
+    """One process's share of a race: `claimers` coroutines claim until nothing is due while
+    `seqs` next_seq calls for `user` run alongside."""
+    claims: list[list] = []
+
+    async def claimer(j: int) -> None:
+        while True:
+            now = utcnow()
+            doc = await store.claim_task(f"{name}-{j}", now, now + secs(30))
+            if doc is None:
+                return
+            claims.append([doc["_id"], doc["attempt"], doc["leaseOwner"]])
+
+    results = await asyncio.gather(*(claimer(j) for j in range(claimers)),
+                                   *(store.next_seq(user) for _ in range(seqs)))
+    return {"claims": claims, "seqs": results[claimers:]}
+
+
+async def child_main(kind: str, where: str, db_name: str, name: str, claimers: int, seqs: int,
+                     user: str) -> None:
+    """A process of the cross-process race: open, say ready, wait for the start line on stdin,
+    race, print what it got as JSON."""
+    store = MongoStore(where, db_name) if kind == "mongo" else SqliteStore(where)
+    await store.open()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    got = await claim_and_count(store, name, claimers, seqs, user)
+    await store.close()
+    print(json.dumps(got), flush=True)
+
+
+async def test_claims_and_seq_across_processes(backend: Backend) -> None:
+    """Three processes on one database (SQLite file or MongoDB) race for the same tasks and the
+    same user's seq. The in-memory database cannot be shared: there, three coroutine groups on
+    the one store."""
+    store = await backend.open()
+    user = new_id()
+    base = utcnow() - secs(60)
+    n = 30 * backend.scale
+    docs = [task_doc(new_id(), created=base + dt.timedelta(milliseconds=i),
+                     priority=("normal", "urgent")[i % 2]) for i in range(n)]
+    for doc in docs:
+        await store.insert_task(doc)
+    seqs = 20 * backend.scale
+    names = ["p0", "p1", "p2"]
+    if not backend.shared:
+        shares = await asyncio.gather(*(claim_and_count(store, name, 10, seqs, user)
+                                        for name in names))
+    else:
+        where = backend.mongo_uri if backend.name == "mongo" else backend.path
+        code = ("import asyncio, sys; sys.path[:0] = ['tests', '.']; import test_store; "
+                "asyncio.run(test_store.child_main(*sys.argv[1:5], *map(int, sys.argv[5:7]), "
+                "sys.argv[7]))")
+        procs = [await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, backend.name, where, backend.db_name, name, "10",
+            str(seqs), user, cwd=str(ROOT), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, preexec_fn=die_with_parent()) for name in names]
+        try:
+            for proc in procs:
+                line = await asyncio.wait_for(proc.stdout.readline(), 60)
+                assert line == b"ready\n", line
+            for proc in procs:  # all three start at once
+                proc.stdin.write(b"go\n")
+                await proc.stdin.drain()
+            outs = [await asyncio.wait_for(proc.communicate(), 120) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        assert [proc.returncode for proc in procs] == [0, 0, 0]
+        shares = [json.loads(out) for out, _ in outs]
+
+    claims = [c for share in shares for c in share["claims"]]
+    assert sorted(c[0] for c in claims) == sorted(d["_id"] for d in docs)
+    assert {c[1] for c in claims} == {1}
+    for task_id, _, owner in claims:
+        assert (await store.task_by_id(task_id))["leaseOwner"] == owner
+    assert sorted(s for share in shares for s in share["seqs"]) == list(range(1, 3 * seqs + 1))
+    assert await store.last_seq(user) == 3 * seqs
 
 
 # tasks: attempts ---------------------------------------------------------------------------
