@@ -294,7 +294,7 @@ class OpenAIProvider:
             return {}
         import openai
 
-        return {"Authorization": openai.omit}
+        return {"Authorization": openai.Omit()}
 
     async def close(self) -> None:
         """Close the SDK client and its connections (attempts still running end with an error)."""
