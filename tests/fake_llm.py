@@ -52,9 +52,9 @@ import ssl
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
