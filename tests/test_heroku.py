@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from droid.config import load_config
 from redis_server import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,11 @@ def test_python_version_and_app_json_say_what_heroku_reads():
         assert env[name].get("generator") == "secret", name
     assert env["DROID_ENV"]["value"] == "production"
     assert env["REDIS_TLS_VERIFY"]["value"] == "false"  # Heroku Redis: self-signed TLS
+    assert env["DROID_TRUSTED_PROXIES"]["value"] == "*"  # the router's X-Forwarded-For
+    for name, spec in env.items():  # every value given is one Droid accepts
+        if "value" in spec:
+            load_config({name: spec["value"], "MONGODB_URI": "mongodb://h/db",
+                         "JWT_SECRET": "x" * 64}, dotenv_path=None)
     assert (ROOT / "Procfile").read_text().strip() == "web: python -m droid"
 
 
