@@ -53,21 +53,22 @@ async def open_socket(base: str, user: str, ready: asyncio.Semaphore) -> websock
             if msg == "2":
                 await ws.send("3")
             elif msg.startswith('42/events,["connected"'):
+                ws.answering = asyncio.create_task(answer(ws))  # from now on, while others connect
                 return ws
 
 
+async def answer(ws: websockets.ClientConnection) -> None:
+    """Answer pings and read everything else, as an idle client does."""
+    try:
+        async for msg in ws:
+            if msg == "2":
+                await ws.send("3")
+    except websockets.ConnectionClosed:
+        pass
+
+
 async def idle(sockets: list) -> None:
-    async def answer(ws):  # answer pings, read everything else
-        try:
-            async for msg in ws:
-                if msg == "2":
-                    await ws.send("3")
-        except websockets.ConnectionClosed:
-            pass
-    tasks = [asyncio.create_task(answer(ws)) for ws in sockets]
     await asyncio.sleep(2.0)
-    for t in tasks:
-        t.cancel()
 
 
 def main() -> None:
@@ -76,7 +77,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25, help="allocation sites to list")
     ap.add_argument("--json", type=Path, help="also write the breakdown here")
     args = ap.parse_args()
-    env = dict(os.environ, PORT="0", HOST="127.0.0.1", JWT_SECRET=SECRET, LOG_LEVEL="WARNING",
+    env = dict(os.environ, PORT="0", HOST="127.0.0.1", JWT_SECRET=SECRET,
+               LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
                DROID_DEMO_DELAY_S="0", DROID_ENV="development", BENCH_TRACEMALLOC="1")
     for name in ("MONGODB_URI", "REDIS_URL", "LLM_BASE_URL"):
         env.pop(name, None)
@@ -96,8 +98,14 @@ def main() -> None:
                                                          f"bench-user-{i // 2}", sem)
                                              for i in range(args.sockets)))
             await idle(sockets)
+            with urllib.request.urlopen(url + "/bench/stats", timeout=60) as resp:
+                connected = json.loads(resp.read())["sockets"]
+            if connected != args.sockets:
+                sys.exit(f"only {connected} of {args.sockets} sockets are connected")
             heap = await asyncio.to_thread(post, f"{url}/bench/heap?top={args.top}")
             await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+            for ws in sockets:
+                ws.answering.cancel()
             return heap
 
         heap = asyncio.run(run())

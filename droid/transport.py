@@ -475,8 +475,19 @@ class _Opener:
         handler = environ["tornado.handler"]
         if getattr(handler, "ws_connection", None) is None:
             return None
+        # python-socketio keeps this environ for the socket's life (a direct WebSocket's is the
+        # handshake's): the request body reader (a class object per request) and the WebSocket
+        # handshake's own headers are of no use after it.
+        kept = {k: v for k, v in environ.items() if k not in _HANDSHAKE_ONLY}
+        environ.clear()  # a dict keeps its size when keys are deleted; cleared, it shrinks
+        environ.update(kept)
         Transport(self.server, self.socket, handler).attach()
         return None
+
+
+_HANDSHAKE_ONLY = ("wsgi.input", "HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_VERSION",
+                   "HTTP_SEC_WEBSOCKET_EXTENSIONS", "HTTP_UPGRADE", "HTTP_CONNECTION",
+                   "HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_ACCEPT_ENCODING")
 
 
 class TransportServer(EngineServer):
@@ -559,8 +570,17 @@ def tornado_handler(eio: TransportServer, *, compression: bool) -> type:
             self._trim()
 
         def _trim(self) -> None:
-            # Tornado keeps these for the handler's life; a WebSocket needs none after open()
-            self.request = _SlimRequest(self.request)  # type: ignore[assignment]
+            # Tornado keeps these for the handler's life; a WebSocket needs none after open().
+            # Its get() coroutine holds the request headers in a local until the connection
+            # ends, so they are emptied rather than dropped.
+            request = self.request
+            self.request = _SlimRequest(request)  # type: ignore[assignment]
+            headers = request.headers
+            for name, value in list(vars(headers).items()):
+                if isinstance(value, dict):  # its field maps: new empty ones free the old
+                    setattr(headers, name, {})
+            request.body = b""
+            request.arguments = request.query_arguments = request.body_arguments = {}
             self.ui = None  # type: ignore[assignment]
             self._headers = None  # type: ignore[assignment]
             self.path_args = self.path_kwargs = None  # type: ignore[assignment]
