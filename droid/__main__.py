@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # python-socketio and python-engineio give their loggers a stderr handler of their own
+    # unless a level is set already, which printed each of their errors twice (theirs, then
+    # ours). Their own level (ERROR), set first: their lines go through the handler above, once.
+    for name in ("socketio.server", "engineio.server"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:

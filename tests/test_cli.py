@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from droid import __version__
+from redis_server import die_with_parent, free_port
 
 BIN = os.path.dirname(sys.executable)
 
@@ -85,3 +90,46 @@ def test_llm_base_url_without_llm_model_stops_start_up(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "LLM_MODEL" in lines[0], result.stderr
+
+
+def test_library_errors_and_a_refused_origin_are_logged_once(tmp_path):
+    """Through the process's own logging set-up: python-engineio's errors are not printed twice
+    (once by a handler of its own), and a refused origin is one WARNING line with the origin."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DROID_", "MONGODB", "JWT_", "LLM_", "REDIS", "METRICS"))
+           and k not in ("PORT", "HOST", "CORS_ORIGIN", "LOG_LEVEL")}
+    env.update(HOST="127.0.0.1", PORT=str(port), DROID_DATA_DIR=":memory:",
+               CORS_ORIGIN="http://good.example")
+    log_path = tmp_path / "droid.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "droid"], cwd=tmp_path, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        for path, headers in (("/socket.io/?EIO=4&transport=polling", {"Origin": "http://evil.example"}),
+                              ("/socket.io/?EIO=4&transport=polling&sid=nope", {})):
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(urllib.request.Request(base + path, headers=headers),
+                                       timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = log_path.read_text().splitlines()
+    origin = [line for line in lines if "http://evil.example" in line]
+    assert len(origin) == 1 and " WARNING droid.cors: " in origin[0], lines
+    session = [line for line in lines if "Invalid session nope" in line]
+    assert len(session) == 1 and " ERROR engineio.server: " in session[0], lines
