@@ -14,14 +14,15 @@ import tornado.netutil
 import tornado.web
 from tornado.log import access_log
 
-from . import __version__
+from . import __version__, logsafe
 from .agents import AgentService
 from .auth import Passwords, Tokens
 from .config import Config
 from .cors import Origins, refuse_origins
 from .delivery import Delivery, websocket_handler
 from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence
-from .guard import GuardedServer, guard_frames
+from .front import Front, server_options
+from .guard import GuardedServer, guard_frames, guard_polling
 from .handlers.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler,
                            RegisterHandler, TaskHandler, TasksHandler)
 from .handlers.base import NotFoundHandler
@@ -31,6 +32,7 @@ from .handlers.system import (HealthHandler, IndexHandler, MetricsHandler, OpenA
 from .llm import make_provider
 from .metrics import Metrics
 from .openapi import build_openapi
+from .ratelimit import AuthLimits
 from .store import Store, store_from_config
 from .tasks import TaskService
 from .transport import TransportServer, tornado_handler
@@ -82,6 +84,7 @@ def socketio_handler(sio: socketio.AsyncServer, delivery: Delivery, compression:
         base = websocket_handler(guard_frames(refuse_origins(socketio.get_tornado_handler(sio),
                                                              origins)), delivery,
                                  compression=compression)
+    base = guard_polling(base, sio.eio)  # long-polling POSTs always answered (droid/guard.py)
 
     class Handler(base):  # type: ignore[misc, valid-type]
         live: set = set()  # open WebSocket connections of this app, closed at shutdown
@@ -126,8 +129,8 @@ class Droid:
         """Listen (on the given sockets, else on HOST:PORT) and start the background work."""
         if sockets is None:
             sockets = tornado.netutil.bind_sockets(self.config.port, self.config.host)
-        self.server = tornado.httpserver.HTTPServer(self.application, xheaders=True,
-                                                    max_body_size=2 * 1024 * 1024)
+        self.server = tornado.httpserver.HTTPServer(self.application,
+                                                    **server_options(self.config))
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         if self.redis is not None:
@@ -169,6 +172,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     `store` lets several instances share one store object (tests; the caller closes it);
     `provider` replaces the LLM provider chosen from the configuration.
     """
+    logsafe.install()
     owns_store = store is None
     if store is None:
         store = store_from_config(config)
@@ -219,6 +223,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         static_handler_class=StaticHandler,
         default_handler_class=NotFoundHandler, log_function=log_request, websocket_max_message_size=MAX_PACKET,
         redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
+        auth_limits=AuthLimits(config.auth_attempts_per_address, config.auth_failures_per_account),
     )
     ws_handler = socketio_handler(sio, events.delivery, config.ws_compression, origins)
     routes = [
@@ -237,7 +242,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         (r"/socket.io/", ws_handler),
         (r"/", IndexHandler),
     ]
-    application = tornado.web.Application(routes, ws_handler=ws_handler, **settings)
+    application = Front(routes, ws_handler=ws_handler, **settings)
     return Droid(config, store=store, sio=sio, application=application, worker=worker,
                  gateway=gateway, tasks=tasks, presence=presence, redis=redis,
                  owns_store=owns_store)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -112,21 +113,34 @@ class Tokens:
             require.append("iss")
         if self.audience:
             require.append("aud")
+        # `exp` is checked here, after the signature: PyJWT reads `exp: true` as 1 (long past)
+        # and would call a malformed token expired.
         try:
             claims = jwt.decode(token, key, algorithms=algorithms, issuer=self.issuer,
                                 audience=self.audience, leeway=self.LEEWAY_S,
-                                options={"require": require, "verify_aud": bool(self.audience)})
-        except jwt.ExpiredSignatureError:
-            raise AuthError(EXPIRED) from None
-        except (jwt.PyJWTError, ValueError, TypeError):
+                                options={"require": require, "verify_aud": bool(self.audience),
+                                         "verify_exp": False})
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
             raise AuthError(INVALID) from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:
             raise AuthError(INVALID)
-        exp = claims.get("exp")
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        if any(not _is_time(claims[name]) for name in ("exp", "iat", "nbf") if name in claims):
             raise AuthError(INVALID)
-        return Identity(user_id=sub, expires_at=float(exp), claims=claims)
+        exp = float(claims["exp"])
+        if exp <= time.time() - self.LEEWAY_S:
+            raise AuthError(EXPIRED)
+        return Identity(user_id=sub, expires_at=exp, claims=claims)
+
+
+def _is_time(value: Any) -> bool:
+    """A NumericDate (RFC 7519 section 2): a finite number, and not a boolean."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def bearer(value: str | None) -> str | None:

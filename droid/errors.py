@@ -39,6 +39,7 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status = 413
+    reason = "Payload Too Large"  # NestJS's text; Python's phrase differs between versions
 
 
 class Unavailable(ApiError):

@@ -12,6 +12,11 @@ background task. Droid has no binary events and needs nothing but the four clien
   frames, text frames that are not an Engine.IO packet type 1-6, and Socket.IO packets other than
   0-3 close the connection (1003 / 1008). After an Engine.IO CLOSE the connection is closed too
   (python-engineio ends the session but would leave the WebSocket open until its ping timeout).
+- `guard_polling(handler_class, eio)`: long-polling POSTs are answered whatever they carry. A
+  body over `max_http_buffer_size` (python-engineio would end the session and then wait, inside
+  the POST, for a poll to take the CLOSE packet: the POST was never answered) gets a 413, a
+  payload python-engineio cannot take a 400, both in the JSON error shape, and the session ends
+  at once. Sessions are always ended without waiting for the client (`end_session`).
 - `GuardedServer`: python-socketio's AsyncServer, whose `_handle_eio_message` (the one entry of
   every Socket.IO packet, long-polling included) refuses binary data, undecodable packets, and
   EVENTs that are not a list starting with an event name, and turns any exception of the
@@ -23,14 +28,18 @@ background task. Droid has no binary events and needs nothing but the four clien
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable
 
 import socketio
+import tornado.web
 from socketio import packet as sio_packet
 
 from .delivery import EngineServer
+from .handlers.base import BoundedBody
 from .transport import TransportServer, frame_refusal
+from .util import dumps
 
 log = logging.getLogger("droid.guard")
 
@@ -44,6 +53,108 @@ def refusal(data: Any) -> str | None:
     if not data or data[0] not in _CLIENT_PACKETS:
         return "not a client packet type"
     return None
+
+
+_POLLING_PACKETS = frozenset("1345")  # CLOSE, PONG, MESSAGE, UPGRADE: what engineio takes there
+_MAX_PAYLOAD_PACKETS = 16  # python-engineio's own limit (Payload.max_decode_packets)
+
+
+def payload_refusal(body: bytes) -> str | None:
+    """Why the body of a long-polling POST is refused, or None. python-engineio answers a packet
+    type it does not take there (PING, NOOP) by closing the session and waiting, inside the POST,
+    for a poll that takes the CLOSE packet: without a poll, the POST was never answered."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    if not text:
+        return None
+    packets = text.split("\x1e")
+    if len(packets) > _MAX_PAYLOAD_PACKETS:
+        return "too many packets"
+    for packet in packets:
+        if not packet or packet[0] not in _POLLING_PACKETS:
+            return "not an Engine.IO client packet"
+        if packet[0] == "4" and refusal(packet[1:]) is not None:
+            return "not a Socket.IO client packet"
+    return None
+
+
+async def end_session(eio: Any, sid: str | None) -> None:
+    """End an Engine.IO session without waiting for its client: a CLOSE packet is queued for a
+    poll that may never come (python-engineio's `disconnect` waits for it)."""
+    sock = eio.sockets.get(sid) if sid else None
+    if sock is None:
+        return
+    try:
+        await sock.close(wait=False)
+    except Exception:  # closed meanwhile
+        log.debug("closing Engine.IO session %s failed", sid, exc_info=True)
+    eio.sockets.pop(sid, None)
+
+
+def guard_polling(base: type, eio: Any) -> type:
+    """A subclass of the Socket.IO endpoint's Tornado handler whose long-polling POSTs are
+    always answered, in the JSON error shape when refused: a body over python-engineio's
+    `max_http_buffer_size` (Content-Length or chunked) gets a 413, a malformed payload a 400,
+    and either ends the Engine.IO session at once. The body is streamed (BoundedBody) so that
+    an oversized one is never held."""
+
+    @tornado.web.stream_request_body
+    class Handler(BoundedBody, base):  # type: ignore[misc, valid-type]
+        body_limit = eio.max_http_buffer_size
+
+        async def prepare(self) -> None:
+            result = super().prepare()
+            if result is not None:
+                await result
+            if self.request.method == "POST" and not self._finished:
+                self.start_body()
+
+        def body_too_large(self) -> None:
+            log.info("long-polling POST from %s over %d bytes: ending its session",
+                     self.request.remote_ip, self.body_limit)
+            self._end(self.get_query_argument("sid", None))
+
+        def refuse_body(self) -> None:
+            self._answer(413, "Payload Too Large",
+                         f"Request body is larger than {self.body_limit} bytes")
+
+        async def post(self, *args: Any, **kwargs: Any) -> None:
+            body = self.take_body()
+            why = payload_refusal(body)
+            if why is not None:
+                sid = self.get_query_argument("sid", None)
+                log.info("long-polling POST from %s refused (%s): ending its session",
+                         self.request.remote_ip, why)
+                await end_session(eio, sid)
+                self._answer(400, "Bad Request", "Malformed Engine.IO payload")
+                return
+            self.request.body = body
+            await super().post(*args, **kwargs)
+
+        def _end(self, sid: str | None) -> None:
+            task = asyncio.get_running_loop().create_task(end_session(eio, sid))
+            _ending.add(task)  # keep a reference until it is done
+            task.add_done_callback(_ending.discard)
+
+        def _answer(self, status: int, error: str, message: str) -> None:
+            self.set_status(status)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.set_header("Cache-Control", "no-store")
+            self.finish(dumps({"statusCode": status, "error": error, "message": message}))
+
+        def on_connection_close(self) -> None:
+            super().on_connection_close()
+            if self._chunks is not None or self._oversized:  # a POST whose body was streaming
+                # WebSocketHandler's on_connection_close does not end the wait for the rest of
+                # a streamed body; RequestHandler's does.
+                tornado.web.RequestHandler.on_connection_close(self)
+
+    return Handler
+
+
+_ending: set = set()
 
 
 def guard_frames(base: type) -> type:
@@ -104,7 +215,6 @@ class GuardedServer(socketio.AsyncServer):
         log.info("disconnecting client %s: malformed packet (%s)", eio_sid, why)
         if self.close_transport is not None:
             self.close_transport(eio_sid)
-        try:
-            await self.eio.disconnect(eio_sid)
-        except Exception:  # gone already
-            log.debug("disconnecting %s failed", eio_sid, exc_info=True)
+        # Not eio.disconnect(): on long-polling it waits for a poll that takes the CLOSE packet,
+        # and this runs inside the client's POST, which would then never be answered.
+        await end_session(self.eio, eio_sid)

@@ -59,9 +59,9 @@ def build_openapi(version: str) -> dict:
                                  ref_template="#/components/schemas/{model}")
     paths = {
         "/auth/register": {"post": _op("Create an account", 201, s.AuthReply, body=s.RegisterBody,
-                                       auth=False, errors=(409,))},
+                                       auth=False, errors=(409, 429))},
         "/auth/login": {"post": _op("Sign in", 200, s.AuthReply, body=s.LoginBody, auth=False,
-                                    errors=(401,))},
+                                    errors=(401, 429))},
         "/auth/me": {"get": _op("The caller", 200, s.User)},
         "/agents": {"get": _op("The default agent and the caller's", 200, s.Agent, array=True),
                     "post": _op("Create an agent", 201, s.Agent, body=s.AgentBody)},

@@ -1,4 +1,8 @@
 """Register, login, me, and the verification of every kind of token."""
+import base64
+import hashlib
+import hmac
+import json
 import time
 
 import jwt
@@ -6,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from conftest import ISO_RE, TEST_SECRET, Api
+from conftest import ISO_RE, TEST_SECRET, Api, Listener
 
 pytestmark = pytest.mark.asyncio
 
@@ -143,3 +147,33 @@ async def test_external_rs256_and_es256_tokens_are_accepted_with_a_public_key(dr
     assert me2.status == 200 and me2.body["id"] == "ec-user"
     assert (await _me(api2, _token({"sub": "ec-user", "exp": now + 60}, rsa_key, "RS256"))).status == 401
     api2.close()
+
+
+# issue 14 ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("claims", [
+    {"exp": True}, {"exp": False}, {"exp": "9999999999"}, {"exp": None}, {"exp": [1]},
+    {"exp": 10**400}, {"iat": True}, {"nbf": True},
+])
+async def test_malformed_time_claims_are_invalid_not_expired(api, droid, claims):
+    """`exp: true` used to be refused as `Token expired` (PyJWT reads true as 1)."""
+    user = await api.register()
+    now = int(time.time())
+    token = _sign({"sub": user["id"], "iat": now, "exp": now + 60, **claims})
+    reply = await _me(api, token)
+    assert reply.status == 401 and reply.body["message"] == "Invalid token", reply.body
+    # The handshake says the same: connect_error {message: "Invalid token"}.
+    probe = Listener()
+    with pytest.raises(Exception):
+        await probe.connect(droid.url, token)
+    assert probe.connect_error["message"] == "Invalid token"
+
+
+def _sign(claims: dict) -> str:
+    """HS256 by hand with the test key: PyJWT's encoder refuses some malformed claims."""
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = hmac.new(TEST_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import socket
@@ -157,3 +158,214 @@ async def test_odd_but_storable_metadata_is_stored_published_and_readable(served
               if e["event"] == "task.created"}
     assert stored == dict(zip(ids, odd))
     assert {t["id"]: t["metadata"] for t in seen["tasks"]} == dict(zip(ids, odd))
+
+
+# raw HTTP ---------------------------------------------------------------------------------------
+
+class Raw:
+    """One raw TCP connection to the server, to send what HTTP clients will not."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> "Raw":
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def response(self, timeout: float = 10) -> tuple[int, dict, bytes]:
+        """The next response: status, headers (lower-case names), body."""
+        async def read() -> tuple[int, dict, bytes]:
+            head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            lines = head.split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines[1:] if line)}
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+            return status, headers, body
+        return await asyncio.wait_for(read(), timeout)
+
+    async def closed_by_server(self, timeout: float) -> bool:
+        """True when the server closes the connection (EOF or reset) within `timeout`."""
+        try:
+            while await asyncio.wait_for(self.reader.read(65536), timeout):
+                pass
+        except asyncio.TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+def chunked(total: int, piece: int = 64 * 1024) -> bytes:
+    out, sent = [], 0
+    while sent < total:
+        size = min(piece, total - sent)
+        out.append(b"%x\r\n" % size + b"{" * size + b"\r\n")
+        sent += size
+    return b"".join(out) + b"0\r\n\r\n"
+
+
+def no_errors(caplog) -> None:
+    """Nothing at ERROR and no traceback from any logger (but python-engineio's one line, once
+    per process, about a request for a session that is over, which the tests make on purpose)."""
+    bad = [r for r in caplog.records if (r.levelno >= logging.ERROR or r.exc_info)
+           and not r.getMessage().startswith("Invalid session")]
+    assert not bad, [(r.name, r.getMessage()) for r in bad]
+
+
+# 3. request bodies over 1 MiB ------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [1024 * 1024 + 1, 3 * 1024 * 1024, 20 * 1024 * 1024])
+async def test_a_chunked_body_over_1_mib_is_a_413_in_the_error_shape(droid, api, caplog, size):
+    user = await api.register()
+    raw = await Raw.open(droid.port)
+    raw.send(b"POST /tasks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+             b"Content-Type: application/json\r\nAuthorization: Bearer %s\r\n\r\n"
+             % user["token"].encode())
+    raw.send(chunked(size))
+    status, headers, body = await raw.response(timeout=30)
+    assert status == 413
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body) == {"statusCode": 413, "error": "Payload Too Large",
+                                "message": "Request body is larger than 1048576 bytes"}
+    if size <= 16 * 1024 * 1024:  # read to its end: the connection is still good
+        raw.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await raw.response())[0] == 200
+    await raw.close()
+    no_errors(caplog)
+    assert (await api.get("/tasks", token=user["token"])).body["items"] == []
+
+
+async def test_a_body_over_1_mib_with_content_length_is_a_413_too(droid, api, caplog):
+    user = await api.register()
+    for expect in (b"", b"Expect: 100-continue\r\n"):
+        raw = await Raw.open(droid.port)
+        raw.send(b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 2097152\r\n" + expect +
+                 b"Authorization: Bearer %s\r\n\r\n" % user["token"].encode())
+        if not expect:
+            raw.send(b"{" * 2097152)
+        status, _, body = await raw.response()
+        assert status == 413 and json.loads(body)["statusCode"] == 413
+        await raw.close()
+    no_errors(caplog)
+
+
+# 4 and 7. Engine.IO long-polling requests are always answered -----------------------------------
+
+async def polling_session(droid, http) -> str:
+    reply = await http.get(droid.url + "/socket.io/?EIO=4&transport=polling")
+    return re.search(r'"sid":"([^"]+)"', reply).group(1)
+
+
+class Polling:
+    """Long-polling requests over Tornado's HTTP client."""
+
+    def __init__(self, droid) -> None:
+        from tornado.httpclient import AsyncHTTPClient
+        self.http = AsyncHTTPClient(force_instance=True)
+        self.base = droid.url + "/socket.io/?EIO=4&transport=polling"
+
+    async def fetch(self, query: str = "", body: bytes | None = None, timeout: float = 10,
+                    headers: dict | None = None):
+        from tornado.httpclient import HTTPRequest
+        return await self.http.fetch(HTTPRequest(
+            self.base + query, method="GET" if body is None else "POST", body=body,
+            headers=headers, request_timeout=timeout), raise_error=False)
+
+    async def open(self) -> str:
+        reply = await self.fetch()
+        return re.search(r'"sid":"([^"]+)"', reply.body.decode()).group(1)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"4" + b"x" * 100_000, 413),                                  # over 64 KiB
+    (b'40/events,{"token":"' + b"t" * 100_000 + b'"}', 413),       # a 100 KB auth.token
+    (b"2", 400), (b"6", 400), (b"9", 400), (b"", 200),             # PING, NOOP, no such type
+    (b"\x1e".join([b"3"] * 20), 400),                              # more packets than allowed
+    (b"\xff\xfe", 400), (b"d=4abc", 400), (b"4{\"a\": 1}", 400),   # not UTF-8, JSONP, not text
+    (b"b4AAA", 400),                                               # binary
+])
+async def test_every_long_polling_post_is_answered(droid, caplog, body, status):
+    polling = Polling(droid)
+    sid = await polling.open()
+    reply = await polling.fetch(f"&sid={sid}", body, timeout=5)
+    assert reply.code == status, (reply.code, reply.body[:200])
+    if status != 200:
+        assert json.loads(reply.body)["statusCode"] == status
+        # ... and the session is over: nothing is held for it any more.
+        assert sid not in droid.sio.eio.sockets
+        assert (await polling.fetch(f"&sid={sid}", timeout=5)).code == 400
+    polling.close()
+    no_errors(caplog)
+
+
+async def test_a_hundred_oversized_polling_posts_hold_nothing(droid):
+    """Issue 14: 100 such POSTs, no token needed, held 100 file descriptors."""
+    polling = Polling(droid)
+    sids = [await polling.open() for _ in range(100)]
+    replies = await asyncio.gather(*(polling.fetch(f"&sid={sid}", b"4" + b"x" * 70_000, 10)
+                                     for sid in sids))
+    assert [r.code for r in replies] == [413] * 100
+    assert not set(sids) & set(droid.sio.eio.sockets)
+    polling.close()
+
+
+async def test_a_chunked_polling_post_over_64_kib_is_a_413(droid, caplog):
+    polling = Polling(droid)
+    sid = await polling.open()
+    raw = await Raw.open(droid.port)
+    raw.send(f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\n"
+             "Transfer-Encoding: chunked\r\n\r\n".encode() + chunked(200_000))
+    status, _, body = await raw.response()
+    assert status == 413 and json.loads(body)["statusCode"] == 413
+    assert sid not in droid.sio.eio.sockets
+    await raw.close()
+    polling.close()
+    no_errors(caplog)
+
+
+async def test_a_100_kb_bearer_token_is_a_431_not_a_reset(droid, api):
+    token = "x" * 100_000
+    for path in ("/auth/me", "/events/stream", "/socket.io/?EIO=4&transport=polling"):
+        reply = await api.get(path, headers={"Authorization": f"Bearer {token}"})
+        assert reply.status == 431, (path, reply.status)
+        assert reply.body == {"statusCode": 431, "error": "Request Header Fields Too Large",
+                              "message": "Request line and headers must be at most 65536 bytes"}
+    reply = await api.get(f"/auth/me?token={token}")
+    assert reply.status == 431
+    # A head far beyond any limit is not read without end either: the connection is closed.
+    raw = await Raw.open(droid.port)
+    raw.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 400_000)
+    assert await raw.closed_by_server(timeout=5)
+    await raw.close()
+    assert (await api.get("/health")).status == 200
+
+
+# 5. slow clients are bounded in time ----------------------------------------------------------
+
+async def test_slow_heads_slow_bodies_and_idle_connections_are_closed(droid_factory):
+    app = await droid_factory(DROID_HEADER_TIMEOUT_S=0.5, DROID_BODY_TIMEOUT_S=0.5)
+    partial = [await Raw.open(app.port) for _ in range(20)]
+    for raw in partial:
+        raw.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: a")  # and nothing more
+    slow_body = await Raw.open(app.port)
+    slow_body.send(b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    idle = await Raw.open(app.port)
+    idle.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await idle.response())[0] == 200  # then it stays, keep-alive, saying nothing
+    closed = await asyncio.gather(*(r.closed_by_server(timeout=5)
+                                     for r in [*partial, slow_body, idle]))
+    assert all(closed), closed
+    for raw in [*partial, slow_body, idle]:
+        await raw.close()

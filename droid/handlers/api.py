@@ -1,7 +1,7 @@
 """REST routes for auth, agents and tasks."""
 from __future__ import annotations
 
-from ..errors import Invalid, Unauthorized
+from ..errors import Conflict, Invalid, Unauthorized
 from ..schemas import AgentBody, LoginBody, RegisterBody, TaskBody, TaskQuery
 from ..util import iso, new_id, utcnow
 from .base import ApiHandler
@@ -15,6 +15,11 @@ def user_json(doc: dict) -> dict:
 
 
 class _AuthBase(ApiHandler):
+    """Sign-in and registration: rate limited per client address and per e-mail
+    (droid/ratelimit.py), the same way whether the e-mail is registered or not."""
+
+    limits = property(lambda self: self.settings["auth_limits"])
+
     def token_reply(self, user: dict, status: int) -> None:
         token, expires_in = self.tokens.issue(user["_id"], email=user["email"])
         self.reply({"accessToken": token, "tokenType": "Bearer", "expiresIn": expires_in,
@@ -23,21 +28,33 @@ class _AuthBase(ApiHandler):
 
 class RegisterHandler(_AuthBase):
     async def post(self) -> None:
+        self.limits.attempt(self.request.remote_ip or "?")
         body = self.body(RegisterBody)
-        user = {"_id": new_id(), "email": body.email.lower(), "name": body.name,
+        email = body.email.lower()
+        self.limits.check_account(email)
+        user = {"_id": new_id(), "email": email, "name": body.name,
                 "passwordHash": await self.settings["passwords"].hash(body.password),
                 "createdAt": utcnow()}
-        await self.store.insert_user(user)
+        try:
+            await self.store.insert_user(user)
+        except Conflict:
+            self.limits.failed(email)
+            raise
         self.token_reply(user, 201)
 
 
 class LoginHandler(_AuthBase):
     async def post(self) -> None:
+        self.limits.attempt(self.request.remote_ip or "?")
         body = self.body(LoginBody)
-        user = await self.store.user_by_email(body.email.strip().lower())
+        email = body.email.strip().lower()
+        self.limits.check_account(email)
+        user = await self.store.user_by_email(email)
+        # An unknown e-mail is verified against a dummy hash of the same cost (auth.Passwords).
         ok = await self.settings["passwords"].verify(user and user.get("passwordHash"),
                                                      body.password)
         if not ok or user is None:
+            self.limits.failed(email)
             raise Unauthorized(LOGIN_FAILED)
         self.token_reply(user, 200)
 
