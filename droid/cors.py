@@ -61,8 +61,9 @@ def refuse_origins(base: type, origins: Origins) -> type:
             if origin is None or origins.allows(origin, self.request.headers.get("Host")):
                 return super().prepare()
             websocket = self.request.headers.get("Upgrade", "").lower() == "websocket"
+            # repr() and a cut: the header is the client's, and so is this log line.
             log.warning("refused a Socket.IO %s request from origin %r (not in CORS_ORIGIN)",
-                        "WebSocket" if websocket else "long-polling", origin)
+                        "WebSocket" if websocket else "long-polling", origin[:200])
             self.set_status(403)
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.set_header("Cache-Control", "no-store")
