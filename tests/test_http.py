@@ -178,6 +178,7 @@ async def test_the_page_assets_and_the_vendored_client_are_served(droid):
                        ("/static/vendor/socket.io.min.js", "javascript")):
         reply = await http.fetch(droid.url + path)
         assert reply.code == 200 and kind in reply.headers["Content-Type"], path
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
 
 
 @pytest.mark.parametrize("path", ["/favicon.ico", "/robots.txt", "/static/nope.js",

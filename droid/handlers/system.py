@@ -95,6 +95,9 @@ class StaticHandler(tornado.web.StaticFileHandler):
     that is not there, a folder, or a path outside the folder is a 404 in the JSON error
     shape, like any other unknown path, rather than Tornado's HTML page."""
 
+    def set_default_headers(self) -> None:
+        self.set_header("X-Content-Type-Options", "nosniff")
+
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
         try:
             return super().validate_absolute_path(root, absolute_path)
