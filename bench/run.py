@@ -38,9 +38,12 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 REFERENCE = BENCH / "reference"
+NATIVE = BENCH / "reference-native"  # the same server.js on socket.io + ws's native helpers
 RESULTS = BENCH / "results"
 SECRET = "droid-bench-only-secret-0123456789abcdef"  # HS256 key shared by servers and load generator
-SERVERS = ("droid", "reference")
+SERVERS = ("droid", "reference", "native")
+REFERENCES = ("reference", "native")
+TITLES = {"droid": "Droid", "reference": "Node reference", "native": "Node + native ws"}
 SERVER_CPU, LOADGEN_CPU = "0", "1"
 NOISE_PCT = 15.0  # other processes using more than this much of the server's core spoil a figure
 
@@ -82,14 +85,15 @@ def check_tools() -> None:
         log("WARNING: fewer than 2 CPUs: server and load generator share one; figures mean little")
 
 
-def ensure_node_packages() -> None:
-    """`npm ci` in bench/reference when its node_modules is missing or older than the lock."""
-    marker = REFERENCE / "node_modules" / ".package-lock.json"
-    lock = REFERENCE / "package-lock.json"
+def ensure_node_packages(directory: Path = REFERENCE) -> None:
+    """`npm ci` in a bench/reference* directory when its node_modules is missing or older than
+    the lock."""
+    marker = directory / "node_modules" / ".package-lock.json"
+    lock = directory / "package-lock.json"
     if marker.exists() and marker.stat().st_mtime >= lock.stat().st_mtime:
         return
-    log("installing the reference's npm packages (npm ci)")
-    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=REFERENCE,
+    log(f"installing the npm packages of {directory.name} (npm ci)")
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=directory,
                    check=True)
 
 
@@ -220,6 +224,10 @@ def machine() -> dict:
                              "'tornado', 'orjson')))"]),
         "socketio": json.loads((REFERENCE / "node_modules" / "socket.io" / "package.json")
                                .read_text())["version"],
+        "native": ", ".join(
+            f"{name} {json.loads(path.read_text())['version']}"
+            for name in ("socket.io", "ws", "bufferutil", "utf-8-validate")
+            if (path := NATIVE / "node_modules" / name / "package.json").exists()),
     }
 
 
@@ -244,6 +252,10 @@ class Server:
         else:
             cmd = ["node", "--expose-gc", str(REFERENCE / "server.js")]
             cwd = REFERENCE
+            if kind == "native":  # same server, socket.io + bufferutil/utf-8-validate from there
+                env["BENCH_NODE_MODULES"] = str(NATIVE)
+            else:
+                env.pop("BENCH_NODE_MODULES", None)
         self.log_file = open(log_path, "wb")
         self.proc = subprocess.Popen(cpu_pin(SERVER_CPU) + cmd, cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=self.log_file, bufsize=0,
@@ -254,6 +266,10 @@ class Server:
             raise RuntimeError(f"{kind} server did not start (see {log_path}): {line!r}")
         fields = dict(f.split("=") for f in line.split()[1:])
         self.port, self.pid = int(fields["port"]), int(fields["pid"])
+        self.native = fields.get("native")
+        if kind == "native" and self.native in (None, "none"):
+            self.stop()
+            raise RuntimeError("the native reference runs without bufferutil/utf-8-validate")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
@@ -389,8 +405,8 @@ ROWS = [
     ("latency_p99_ms", "latency p99 at {rate} events/s", "ms", "lower", 2.0),
     ("latency_max_ms", "latency max at {rate} events/s", "ms", "lower", None),
     ("connect_small_s", "connect {small} sockets", "s", "lower", 1.0),
-    ("connect_large_s", "connect {large} sockets", "s", "lower", None),
-    ("rss_per_socket_large_kb", "server memory per idle socket ({large} sockets)", "KB", "lower", None),
+    ("connect_large_s", "connect {large} sockets", "s", "lower", 1.0),
+    ("rss_per_socket_large_kb", "server memory per idle socket ({large} sockets)", "KB", "lower", 1.0),
     ("idle_rss_mb", "server memory at start", "MB", "lower", None),
     ("churn_retained_kb", "memory kept after {cycles} churn cycles of {csockets}", "KB", "lower", None),
     ("churn_retained_gc_kb", "  the same after a full GC", "KB", "lower", None),
@@ -469,28 +485,42 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def table(medians: dict[str, dict], p: dict) -> tuple[str, list[dict]]:
-    """A Markdown table of the medians and ratios, and the same rows as data."""
+def table(medians: dict[str, dict], p: dict, servers: list[str] | None = None) -> tuple[str, list[dict]]:
+    """A Markdown table of the medians and the ratios Droid / each reference, and the same rows
+    as data."""
     names = {"small": f"{p['small']:,}", "large": f"{p['large']:,}",
              "rate": p["latency"]["rate"], "cycles": p["churn"]["cycles"],
              "csockets": p["churn"]["sockets"], "settle": p["churn"]["settleS"]}
-    lines = ["| workload | Droid | Node reference | Droid / reference | goal |",
-             "|---|---|---|---|---|"]
+    refs = [r for r in REFERENCES if servers is None or r in servers]
+    head = ["workload", "Droid"] + [TITLES[r] for r in refs] + \
+        [f"Droid / {TITLES[r]}" for r in refs] + ["goal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = []
     for key, label, unit, better, goal in ROWS:
-        d, r = medians["droid"].get(key), medians["reference"].get(key)
-        if d is None and r is None:
+        d = medians["droid"].get(key)
+        values = {r: medians[r].get(key) for r in refs}
+        if d is None and all(v is None for v in values.values()):
             continue
-        ratio = d / r if isinstance(d, (int, float)) and isinstance(r, (int, float)) and r > 0 else None
+        ratios: dict[str, float | None] = {}
+        verdicts = []
+        for r, v in values.items():
+            ratio = d / v if isinstance(d, (int, float)) and isinstance(v, (int, float)) and v > 0 else None
+            ratios[r] = ratio
+            if goal is not None and ratio is not None:
+                met = ratio >= goal if better == "higher" else ratio <= goal
+                verdicts.append("met" if met else "NOT met")
         verdict = ""
-        if goal is not None and ratio is not None:
-            met = ratio >= goal if better == "higher" else ratio <= goal
-            verdict = f"{'>=' if better == 'higher' else '<='} {goal:.1f}x {'met' if met else 'NOT met'}"
+        if verdicts:
+            verdict = f"{'>=' if better == 'higher' else '<='} {goal:.1f}x {' / '.join(verdicts)}"
         note = {"higher": " (higher is better)", "lower": " (lower is better)"}.get(better or "", "")
-        ratio_text = f"{ratio:.2f}x{note}" if ratio is not None else "-"
-        lines.append(f"| {label.format(**names)} ({unit}) | {fmt(d)} | {fmt(r)} | {ratio_text} | {verdict} |")
-        rows.append({"key": key, "label": label.format(**names), "unit": unit, "droid": d,
-                     "reference": r, "ratio": ratio, "better": better, "goal": goal})
+        ratio_texts = [f"{x:.2f}x" if x is not None else "-" for x in ratios.values()]
+        label_text = label.format(**names)
+        lines.append(f"| {label_text} ({unit}){note} | {fmt(d)} | "
+                     + " | ".join(fmt(v) for v in values.values()) + " | "
+                     + " | ".join(ratio_texts) + f" | {verdict} |")
+        rows.append({"key": key, "label": label_text, "unit": unit, "droid": d,
+                     **{r: values[r] for r in refs}, "ratio": ratios.get("reference"),
+                     "ratios": ratios, "better": better, "goal": goal})
     return "\n".join(lines), rows
 
 
@@ -502,7 +532,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 short run with few sockets (< 60 s)")
     ap.add_argument("--runs", type=int, help="alternating runs (default 3, quick 1)")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="droid,reference (default both)")
+    ap.add_argument("--servers", default=",".join(SERVERS), help="droid,reference,native (default all three: Droid, the Node "
+                         "reference, the Node reference with ws's native helpers)")
     ap.add_argument("--sessions", default=",".join(SESSIONS),
                     help=f"workload groups to run (default all: {','.join(SESSIONS)})")
     ap.add_argument("--receiver", choices=("frames", "full"), default="frames",
@@ -536,6 +567,8 @@ def main() -> None:
     PRIORITY["on"] = not args.no_priority
     check_tools()
     ensure_node_packages()
+    if "native" in servers:
+        ensure_node_packages(NATIVE)
     raise_fd_limit()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     logs = RESULTS / "logs" / stamp
@@ -575,13 +608,14 @@ def main() -> None:
 
     medians = {kind: {key: median([r["figures"].get(key) for r in raw[kind]])
                       for key, *_ in ROWS} for kind in SERVERS}
-    text, rows = table(medians, p)
+    text, rows = table(medians, p, servers)
     elapsed = time.monotonic() - started
     info = machine()
     header = (f"{dt.datetime.now():%Y-%m-%d %H:%M} - droid {info['droidCommit']}"
               f"{' + uncommitted changes' if info['droidUncommittedChanges'] else ''} "
               f"(source {info['droidSourceSha256']}); {info['cpus']} x {info['cpu']}, "
-              f"{info['python']}, node {info['node']}, socket.io {info['socketio']}; "
+              f"{info['python']}, node {info['node']}, socket.io {info['socketio']}"
+              f"{' (native reference: + ' + info['native'] + ')' if 'native' in servers else ''}; "
               f"{'quick' if args.quick else 'full'} mode, {runs} run(s), medians; "
               f"fan-out receiver: {args.receiver}; {elapsed:.0f} s")
     print(header)

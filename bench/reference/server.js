@@ -21,15 +21,32 @@
  *   GET  /bench/stats {sockets, engineSockets, gc: {count, totalMs, maxMs}} (?reset=1 zeroes gc)
  *   POST /bench/gc    a full garbage collection (node --expose-gc), answers {ok}
  *
- * Environment: PORT (0 = any free port), HOST (127.0.0.1), JWT_SECRET. Prints
- * `BENCH-READY port=<port> pid=<pid>` on stdout once listening; exits on SIGTERM/SIGINT.
+ * Environment: PORT (0 = any free port), HOST (127.0.0.1), JWT_SECRET; BENCH_NODE_MODULES, the
+ * directory whose node_modules provide socket.io and jsonwebtoken (default: this one's; the
+ * second reference, ../reference-native, adds ws's native helpers bufferutil and utf-8-validate
+ * there). Prints `BENCH-READY port=<port> pid=<pid> native=<bufferutil+utf-8-validate|none>` on
+ * stdout once listening; exits on SIGTERM/SIGINT.
  */
 "use strict";
 
 const http = require("http");
 const { PerformanceObserver } = require("perf_hooks");
-const { Server } = require("socket.io");
-const jwt = require("jsonwebtoken");
+const path = require("path");
+const { createRequire } = require("module");
+const load = process.env.BENCH_NODE_MODULES
+  ? createRequire(path.join(path.resolve(process.env.BENCH_NODE_MODULES), "package.json"))
+  : require;
+const { Server } = load("socket.io");
+const jwt = load("jsonwebtoken");
+
+// Which of ws's optional native helpers ws itself will load (it requires them from its own place).
+function nativeHelpers() {
+  const fromWs = createRequire(load.resolve("ws"));
+  const found = ["bufferutil", "utf-8-validate"].filter((name) => {
+    try { fromWs(name); return !process.env.WS_NO_BUFFER_UTIL; } catch { return false; }
+  });
+  return found.length ? found.join("+") : "none";
+}
 
 const NAMESPACE = "/events";
 const MAX_SOCKETS_PER_USER = 20;
@@ -257,7 +274,7 @@ function benchRoutes(req, res) {
 }
 
 httpServer.listen(Number(process.env.PORT || 0), process.env.HOST || "127.0.0.1", () => {
-  console.log(`BENCH-READY port=${httpServer.address().port} pid=${process.pid}`);
+  console.log(`BENCH-READY port=${httpServer.address().port} pid=${process.pid} native=${nativeHelpers()}`);
 });
 
 function stop() {
