@@ -36,7 +36,8 @@ environment wins). The main ones:
 
   PORT, HOST            where to listen (3000, 0.0.0.0)
   DROID_ENV             development (default), test or production
-  MONGODB_URI           a MongoDB database (default: SQLite in DROID_DATA_DIR, ./droid-data)
+  MONGODB_URI           a MongoDB database (default: the embedded SQLite database)
+  DROID_DATA_DIR        folder of the embedded database (droid-data, in the working folder)
   JWT_SECRET            HS256 key, at least 32 bytes (default: a random development key)
   CORS_ORIGIN           comma-separated allowed origins (default *)
   REDIS_URL             share events between processes
