@@ -227,6 +227,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     )
     ws_handler = socketio_handler(sio, events.delivery, config.ws_compression, origins)
     routes = [
+        (r"/socket.io/", ws_handler),  # first: every Socket.IO connection and poll is routed
         (r"/auth/register", RegisterHandler),
         (r"/auth/login", LoginHandler),
         (r"/auth/me", MeHandler),
@@ -239,7 +240,6 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         (r"/metrics", MetricsHandler),
         (r"/health", HealthHandler),
         (r"/openapi.json", OpenApiHandler),
-        (r"/socket.io/", ws_handler),
         (r"/", IndexHandler),
     ]
     application = Front(routes, ws_handler=ws_handler, **settings)
