@@ -369,3 +369,144 @@ async def test_slow_heads_slow_bodies_and_idle_connections_are_closed(droid_fact
     assert all(closed), closed
     for raw in [*partial, slow_body, idle]:
         await raw.close()
+
+
+# 8. log lines, proxies, static files ------------------------------------------------------------
+
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+async def test_log_lines_escape_control_characters_from_clients(droid, api, caplog):
+    caplog.set_level(logging.DEBUG)
+    await api.get("/static/..%2f..%0aforged%20line%1b[31m")    # Tornado logs the path it decoded
+    from conftest import Listener
+    probe = Listener()
+    with pytest.raises(Exception):  # refused, and logged with its namespace
+        await probe.client.connect(droid.url, namespaces=["/x\nforged line\u2028"],
+                                   transports=["websocket"], wait_timeout=5)
+    subject = Listener()  # a token's subject is the user id the gateway logs
+    await subject.connect(droid.url, jwt.encode({"sub": "u\r\nforged\x1b", "exp": time.time() + 60},
+                                                TEST_SECRET, algorithm="HS256"))
+    await subject.close()
+
+    def seen(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+    await wait_until(lambda: _true(seen("disconnected (user u\\r\\nforged\\x1b,")))
+    assert seen("..\\nforged line\\x1b[31m is not in root static directory")
+    assert seen("to namespace /x\\nforged line\\u2028: Invalid namespace")
+    assert seen("connected from 127.0.0.1 (user u\\r\\nforged\\x1b)")
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if CONTROL.search(line)] == []
+
+
+async def _true(value: Any) -> Any:
+    return value
+
+
+async def test_static_paths_out_of_the_folder_answer_the_json_error_shape(api):
+    for path in ("/static/..%2f..", "/static/..%2f..%2fetc%2fpasswd", "/static/%2e%2e/setup.cfg",
+                 "/static/nope.js"):
+        reply = await api.get(path)
+        assert reply.status in (403, 404), path
+        assert reply.headers["Content-Type"].startswith("application/json"), path
+        assert set(reply.body) == {"statusCode", "error", "message"}, path
+
+
+async def _login_from(api: Api, forwarded: str | None) -> int:
+    headers = {"X-Forwarded-For": forwarded, "X-Real-Ip": forwarded} if forwarded else {}
+    reply = await api.post("/auth/login", {"email": "nobody@example.com", "password": "x" * 8},
+                           headers=headers)
+    return reply.status
+
+
+async def test_x_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(droid_factory,
+                                                                              caplog):
+    plain = await droid_factory(DROID_AUTH_ATTEMPTS_PER_ADDRESS=3)
+    api = Api(plain.url)
+    # A forged header neither shows in the log nor escapes the per-address limit.
+    statuses = [await _login_from(api, f"203.0.113.{n}") for n in range(4)]
+    assert statuses == [401, 401, 401, 429]
+    access = [r.getMessage() for r in caplog.records if r.name == "tornado.access"]
+    assert not [line for line in access if "203.0.113." in line]
+    api.close()
+
+    behind = await droid_factory(DROID_TRUSTED_PROXIES="127.0.0.1, 10.0.0.0/8",
+                                 DROID_AUTH_ATTEMPTS_PER_ADDRESS=3)
+    api = Api(behind.url)
+    caplog.clear()
+    # The client is the right-most address that is not a trusted proxy; X-Real-Ip is not used.
+    statuses = [await _login_from(api, f"198.51.100.{n}, 10.1.2.3") for n in range(4)]
+    assert statuses == [401, 401, 401, 401]
+    access = [r.getMessage() for r in caplog.records if r.name == "tornado.access"]
+    assert any("(198.51.100.3)" in line for line in access), access
+    api.close()
+
+    heroku = await droid_factory(DROID_TRUSTED_PROXIES="*")
+    api = Api(heroku.url)
+    caplog.clear()
+    await _login_from(api, "6.6.6.6, 192.0.2.7")  # the router appends the address it saw
+    access = [r.getMessage() for r in caplog.records if r.name == "tornado.access"]
+    assert any("(192.0.2.7)" in line for line in access), access
+    api.close()
+
+
+# login and registration rate limits ------------------------------------------------------------
+
+async def test_failed_logins_are_limited_per_account_alike_for_known_and_unknown_emails(api):
+    known = await api.register()
+    unknown = f"nobody-{uuid.uuid4().hex[:8]}@example.com"
+    seen = {}
+    for email in (known["email"], unknown):
+        statuses = []
+        for _ in range(11):
+            reply = await api.post("/auth/login", {"email": email, "password": "wrong password"})
+            statuses.append(reply.status)
+        seen[email] = statuses, reply
+    assert seen[known["email"]][0] == seen[unknown][0] == [401] * 10 + [429]
+    for _, reply in seen.values():
+        assert reply.body["statusCode"] == 429 and reply.body["error"] == "Too Many Requests"
+        assert reply.body["message"].startswith("Too many attempts for this account")
+        assert 1 <= int(reply.headers["Retry-After"]) <= 600
+    # Locked means locked, even with the right password; another account is not affected.
+    reply = await api.post("/auth/login", {"email": known["email"], "password": known["password"]})
+    assert reply.status == 429
+    other = await api.register()
+    reply = await api.post("/auth/login", {"email": other["email"], "password": other["password"]})
+    assert reply.status == 200
+
+
+async def test_refused_registrations_are_limited_per_account(droid_factory):
+    app = await droid_factory(DROID_AUTH_FAILURES_PER_ACCOUNT=3)
+    api = Api(app.url)
+    user = await api.register()
+    statuses = [(await api.post("/auth/register", {"email": user["email"].upper(),
+                                                   "password": "another password"})).status
+                for _ in range(4)]
+    assert statuses == [409, 409, 409, 429]
+    api.close()
+
+
+async def test_attempts_are_limited_per_address(droid_factory):
+    app = await droid_factory(DROID_AUTH_ATTEMPTS_PER_ADDRESS=5)
+    api = Api(app.url)
+    statuses = []
+    for n in range(3):
+        statuses.append((await api.post("/auth/register", {
+            "email": f"u{n}-{uuid.uuid4().hex[:6]}@example.com", "password": "p" * 8})).status)
+        statuses.append((await api.post("/auth/login", {"email": f"x{n}@example.com",
+                                                         "password": "p" * 8})).status)
+    assert statuses == [201, 401, 201, 401, 201, 429]
+    reply = await api.post("/auth/login", {"garbage": True})  # malformed attempts count too
+    assert reply.status == 429 and reply.message.startswith("Too many attempts from this address")
+    assert int(reply.headers["Retry-After"]) >= 1
+    api.close()
+
+
+async def test_an_unknown_email_costs_the_same_argon2_work_as_a_known_one():
+    """The dummy hash verified for unknown e-mails has the parameters of real ones, so both
+    paths cost one argon2 verification of the same cost."""
+    import argon2
+    from droid.auth import Passwords
+    passwords = Passwords()
+    real = await passwords.hash("correct horse")
+    assert argon2.extract_parameters(passwords._dummy) == argon2.extract_parameters(real)
