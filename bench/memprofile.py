@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.request
@@ -82,6 +83,7 @@ def main() -> None:
                DROID_DEMO_DELAY_S="0", DROID_ENV="development", BENCH_TRACEMALLOC="1")
     for name in ("MONGODB_URI", "REDIS_URL", "LLM_BASE_URL"):
         env.pop(name, None)
+    env["DROID_DATA_DIR"] = tempfile.mkdtemp(prefix="droid-memprofile-")  # a fresh store
     proc = subprocess.Popen([sys.executable, str(BENCH / "droid_server.py")], cwd=BENCH, env=env,
                             stdout=subprocess.PIPE, text=True)
     try:

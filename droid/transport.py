@@ -477,10 +477,10 @@ class _Opener:
             return None
         # python-socketio keeps this environ for the socket's life (a direct WebSocket's is the
         # handshake's): the request body reader (a class object per request) and the WebSocket
-        # handshake's own headers are of no use after it.
-        kept = {k: v for k, v in environ.items() if k not in _HANDSHAKE_ONLY}
-        environ.clear()  # a dict keeps its size when keys are deleted; cleared, it shrinks
-        environ.update(kept)
+        # handshake's own headers are of no use after it. (Rebuilding the dict to shrink it
+        # would save 0.3 KB a socket for 1% of a connection's CPU: not done.)
+        for key in _HANDSHAKE_ONLY:
+            environ.pop(key, None)
         Transport(self.server, self.socket, handler).attach()
         return None
 
