@@ -426,3 +426,84 @@ async def test_client_events_with_random_payloads_are_answered_or_ignored(scene)
     stays connected and answering."""
     await each_on_a_fresh_socket(scene, [(True, frame) for frame in examples(EVENT_FRAMES)],
                                  expected=ALIVE)
+
+
+# the same over long-polling (issue 14) ---------------------------------------------------------
+
+class PollingAttacker:
+    """An Engine.IO long-polling session of user B, authenticated on /events."""
+
+    def __init__(self, droid) -> None:
+        from tornado.httpclient import AsyncHTTPClient
+        self.droid = droid
+        self.http = AsyncHTTPClient(force_instance=True)
+        self.base = droid.url + "/socket.io/?EIO=4&transport=polling"
+        self.sid = ""
+
+    async def fetch(self, body: bytes | None = None, timeout: float = SETTLE_S * 4):
+        from tornado.httpclient import HTTPRequest
+        return await self.http.fetch(HTTPRequest(
+            f"{self.base}&sid={self.sid}" if self.sid else self.base,
+            method="GET" if body is None else "POST", body=body, request_timeout=timeout),
+            raise_error=False)
+
+    async def open(self, token: str) -> "PollingAttacker":
+        opened = (await self.fetch()).body.decode()
+        self.sid = json.loads(opened[opened.index("{"):])["sid"]
+        assert (await self.fetch(b'40/events,{"token":"%s"}' % token.encode())).code == 200
+        assert "40/events" in (await self.fetch()).body.decode()
+        return self
+
+    async def settle(self) -> str:
+        """CLOSED when the session is over, ALIVE when it still answers a probe."""
+        if self.sid not in self.droid.sio.eio.sockets:
+            # (python-engineio would log a request for it at ERROR, once per process)
+            return CLOSED
+        reply = await self.fetch(b"40/nope,")
+        if reply.code == 400:
+            return CLOSED
+        assert reply.code == 200, reply.code
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_S * 4
+        while loop.time() < deadline:
+            polled = await self.fetch()
+            text = polled.body.decode(errors="replace")
+            if polled.code == 400 or text.startswith("1") or "\x1e1" in text:
+                return CLOSED
+            if NOPE in text.split("\x1e"):
+                return ALIVE
+        raise AssertionError("half-dead long-polling session: neither answers nor is over")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+POLLING_CASES = [
+    pytest.param("\x1e".join(c.values[0].frames), id=c.id) for c in CASES
+    if all(isinstance(f, str) for f in c.values[0].frames)
+] + [
+    pytest.param("4" + "x" * 70_000, id="polling-over-64-kib"),
+    pytest.param('40/events,{"token":"' + "t" * 100_000 + '"}', id="polling-100-kb-auth-token"),
+    pytest.param("d=" + PING, id="polling-jsonp"),
+    pytest.param("\x1e" * 40, id="polling-empty-packets"),
+    pytest.param(("utf8", b"4\xff\xfe"), id="polling-not-utf8"),
+]
+
+
+@pytest.mark.parametrize("payload", POLLING_CASES)
+async def test_a_malformed_polling_payload_is_answered_and_harms_no_one_else(scene, payload):
+    """Every long-polling POST is answered at once, whatever it carries (it used to hang on
+    packets python-engineio refuses and on bodies over 64 KiB); the session is then either over
+    or still answering, never half-dead; A and C notice nothing."""
+    attacker = await PollingAttacker(scene.droid).open(mint(scene.b))
+    body = payload[1] if isinstance(payload, tuple) else payload.encode()
+    reply = await attacker.fetch(body, timeout=SETTLE_S * 2)
+    assert reply.code in (200, 400, 413), reply.code
+    if reply.code != 200:
+        error = json.loads(reply.body)
+        assert error["statusCode"] == reply.code and set(error) == {"statusCode", "error",
+                                                                   "message"}
+        assert attacker.sid not in scene.droid.sio.eio.sockets
+    await attacker.settle()
+    attacker.close()
+    await scene.verify()
