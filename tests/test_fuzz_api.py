@@ -126,3 +126,112 @@ async def test_hostile_tokens_over_rest_and_handshake_get_401_and_the_server_sta
     sock = await listen(droid.url, ok["token"])
     assert (await sock.next("connected"))["userId"] == ok["id"]
     api.close()
+
+
+# issue 14: what a user may store, and bodies and heads of any size -----------------------------
+
+def _draw(strategy, count: int) -> list:
+    """`count` values drawn by hypothesis, the same on every run (derandomized): they are sent
+    from the running event loop, which hypothesis's own runner cannot drive."""
+    from hypothesis import Phase
+    drawn: list = []
+
+    @settings(max_examples=count, deadline=None, derandomize=True, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def draw(value) -> None:
+        drawn.append(value)
+
+    draw()
+    return drawn
+
+
+ODD_KEYS = st.one_of(st.text(max_size=6), st.sampled_from(
+    ["", "\u0000", "a\u0000", "$", "$ref", "$id", "a.b", ".", "\u2028", "😀", "_id", "__proto__"]))
+ODD_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-2**64, 2**64 - 1), st.text(max_size=20),
+    st.sampled_from([2**63 - 1, -2**63, 2**63, 2**64 - 1, "\u0000", "x" * 17_000]))
+METADATA = st.recursive(
+    ODD_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ODD_KEYS, inner, max_size=3),
+    max_leaves=20).map(lambda v: v if isinstance(v, dict) else {"v": v})
+
+
+def _nest(value, levels: int):
+    for _ in range(levels):
+        value = {"n": value}
+    return value
+
+
+@pytest.mark.asyncio
+async def test_any_metadata_is_a_400_or_is_stored_published_and_readable(droid_factory):
+    """Random metadata (odd keys, integers past 64 bits, long strings, 1 to 60 levels deep):
+    each is refused with a 400 naming the rule, or accepted and then readable everywhere."""
+    app = await droid_factory(DROID_DEMO_DELAY_S=0, WORKER_CONCURRENCY=0)
+    api = Api(app.url)
+    user = await api.register()
+    drawn = _draw(st.tuples(METADATA, st.integers(0, 59)), 80)
+    accepted = []
+    for metadata, extra in drawn:
+        metadata = _nest(metadata, extra)
+        try:
+            raw = json.dumps({"prompt": "p", "metadata": metadata}).encode()
+        except (ValueError, RecursionError):
+            continue
+        reply = await api.post("/tasks", raw=raw, token=user["token"])
+        assert reply.status in (201, 400), (reply.status, reply.body)
+        if reply.status == 400:
+            assert reply.message.startswith("metadata "), reply.body
+        else:
+            assert reply.body["metadata"] == metadata
+            accepted.append(metadata)
+    assert accepted, "nothing was accepted: the fuzz tests nothing"
+    tasks = await api.get("/tasks?limit=100", token=user["token"])
+    events = await api.get("/events?after=0&limit=1000", token=user["token"])
+    assert tasks.status == events.status == 200
+    assert [e["data"]["metadata"] for e in events.body["items"]] == accepted
+    assert [e["seq"] for e in events.body["items"]] == list(range(1, len(accepted) + 1))
+    api.close()
+
+
+@pytest.mark.asyncio
+async def test_bodies_and_heads_of_any_size_get_an_answer_in_the_error_shape(droid):
+    """Sizes around the limits, with Content-Length or chunked in random pieces: a body over
+    1 MiB is a 413, a head over 64 KiB a 431, everything else reaches the handler; always an
+    answer in the one error shape, never a reset."""
+    import random
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+    rng = random.Random(14)
+    http = AsyncHTTPClient(force_instance=True)
+    limit = 1024 * 1024
+    for size in [0, 10, limit - 1, limit, limit + 1, 2 * limit] + \
+            [rng.randrange(limit // 2, 3 * limit) for _ in range(6)]:
+        for chunked in (False, True):
+            data = b"{" * size
+            if chunked:
+                pieces = []
+                while data:
+                    n = rng.randrange(1, 200_000)
+                    pieces.append(data[:n])
+                    data = data[n:]
+
+                async def producer(write, pieces=pieces):
+                    for piece in pieces:
+                        await write(piece)
+                request = HTTPRequest(droid.url + "/auth/login", method="POST",
+                                      body_producer=producer, request_timeout=30)
+            else:
+                request = HTTPRequest(droid.url + "/auth/login", method="POST", body=data,
+                                      request_timeout=30)
+            reply = await http.fetch(request, raise_error=False)
+            expected = 413 if size > limit else 400
+            assert reply.code == expected, (size, chunked, reply.code)
+            assert set(json.loads(reply.body)) == {"statusCode", "error", "message"}
+    for size in [100, 30_000, 60_000, 70_000, 150_000, 250_000]:
+        reply = await http.fetch(HTTPRequest(droid.url + "/health",
+                                             headers={"X-Pad": "p" * size}, request_timeout=30),
+                                 raise_error=False)
+        assert reply.code == (431 if size > 65536 else 200), (size, reply.code)
+        assert "statusCode" in json.loads(reply.body) or reply.code == 200
+    http.close()
