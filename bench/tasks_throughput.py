@@ -17,9 +17,13 @@ POST /tasks, wait for that task's `task.completed` on the user's socket, next. A
 Reported per size: tasks/s over the measured tasks, POST→task.completed latency p50/p99, the
 server's CPU per task (from /proc), and the server's event-loop lag: a probe task in the server
 sleeps 5 ms again and again and records how late it wakes (p50 / p99 / max over the measured
-phase). The probe is this file's (`serve`), not Droid's: droid/ has no bench code.
+phase). The probe is this file's (`serve`), not Droid's: droid/ has no bench code. On SQLite the
+launcher also accounts for every store call (`StoreHops`: calls per store method, time queued in
+the store's thread, running SQL there, and coming back to the loop), in the JSON under
+results[].loopLagMs.store. The JSON goes to bench/results/ (ignored by git).
 
 Only for the bench: `serve` also answers GET /bench/lag (?reset=1 clears the samples).
+Figures and what they show: bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from run import NICE, favoured  # bench/run.py: the same priority for bench processes
+from run import NICE, favoured, wait_quiet  # bench/run.py's priority and quiet-machine wait
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -91,8 +95,48 @@ def serve() -> None:
         app._lag_probe = asyncio.get_running_loop().create_task(probe())  # kept alive
         return app
 
+    if os.environ.get("BENCH_ONE_HOP_EVENTS"):
+        one_hop_events()
     droid_app.make_app = make_app
     droid_main.main()
+
+
+def one_hop_events() -> None:
+    """Experiment (--one-hop-events), not Droid's code: number and store an envelope in one
+    SQLite transaction, i.e. one thread hop instead of two (next_seq, then insert_event)."""
+    from droid.events import EventsService
+    from droid.store.sqlite import to_ms
+    from droid.util import dumps, iso, utcnow
+
+    async def publish(self: Any, user_id: str, event: str, data: dict, *,
+                      durable: bool = True) -> None:
+        if not durable:
+            return await real_publish(self, user_id, event, data, durable=False)
+        async with self.user_locks(user_id):
+            now = utcnow()
+
+            def append() -> dict:
+                conn = self.store._conn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    seq = conn.execute(
+                        "INSERT INTO counters (userId, value) VALUES (?, 1) ON CONFLICT (userId) "
+                        "DO UPDATE SET value = value + 1 RETURNING value", (user_id,)).fetchone()[0]
+                    envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": seq}
+                    conn.execute("INSERT INTO events (userId, seq, event, envelope, createdAt) "
+                                 "VALUES (?, ?, ?, ?, ?)",
+                                 (user_id, seq, event, dumps(envelope).decode(), to_ms(now)))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                return envelope
+
+            envelope = await self.store._run(append)
+            await self._fan_out(user_id, event, envelope)
+
+    real_publish = EventsService.publish
+    EventsService.publish = publish
 
 
 class StoreHops:
@@ -226,8 +270,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PIN = {"on": True}
+
+
 def cpu_pin(cpu: str) -> list[str]:
-    return ["taskset", "-c", cpu] if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else []
+    if not PIN["on"] or (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        return []
+    return ["taskset", "-c", cpu]
 
 
 def machine_busy_s(cpu: str = "cpu") -> float:
@@ -285,6 +334,7 @@ async def load(url: str, users_n: int, window: int, warmup: int, measured: int,
         total = warmup + measured
         issued = 0
         latencies: list[float] = []
+        posts: list[float] = []
         marks: dict[str, float] = {}
         loop = asyncio.get_running_loop()
 
@@ -308,6 +358,8 @@ async def load(url: str, users_n: int, window: int, warmup: int, measured: int,
                 body = await resp.json()
                 assert resp.status == 201, body
             task_id = body["id"]
+            if n > warmup:
+                posts.append(time.perf_counter() - sent)
             if task_id in user.early:
                 user.early.discard(task_id)
                 done = time.perf_counter()
@@ -337,7 +389,8 @@ async def load(url: str, users_n: int, window: int, warmup: int, measured: int,
     latencies.sort()
     return {"tasksPerS": measured / elapsed, "elapsedS": elapsed,
             "latencyMs": {"p50": statistics.median(latencies) * 1000,
-                          "p99": latencies[int(0.99 * (len(latencies) - 1))] * 1000},
+                          "p99": latencies[int(0.99 * (len(latencies) - 1))] * 1000,
+                          "postP50": statistics.median(posts) * 1000},
             "serverCpuMsPerTask": cpu / measured * 1000, "serverCpuPct": cpu / elapsed * 100,
             "loadCpuPct": own / elapsed * 100,
             # everything else the machine did meanwhile (other users of the shared cores)
@@ -375,6 +428,8 @@ async def run_size(args: argparse.Namespace, stored: int, workdir: Path,
     port = free_port()
     env.update(HOST="127.0.0.1", PORT=str(port), JWT_SECRET=SECRET, DROID_DEMO_DELAY_S="0",
                LOG_LEVEL="WARNING", PYTHONPATH=str(args.src))
+    if args.one_hop_events:
+        env["BENCH_ONE_HOP_EVENTS"] = "1"
     if args.worker_concurrency is not None:
         env["WORKER_CONCURRENCY"] = str(args.worker_concurrency)
     data = workdir / f"data-{stored}"
@@ -430,7 +485,8 @@ async def run_size(args: argparse.Namespace, stored: int, workdir: Path,
 def row(r: dict) -> str:
     lag = r["loopLagMs"]
     return (f"| {r['backend']} | {r['stored']:,} | {r['tasksPerS']:.0f} | "
-            f"{r['latencyMs']['p50']:.1f} / {r['latencyMs']['p99']:.1f} | "
+            f"{r['latencyMs']['p50']:.1f} / {r['latencyMs']['p99']:.1f} "
+            f"(POST {r['latencyMs']['postP50']:.1f}) | "
             f"{r['serverCpuMsPerTask']:.2f} ({r['serverCpuPct']:.0f}%) | "
             f"{r['loadCpuPct']:.0f}% / {r['othersCpuPct']:.0f}% "
             f"({r['othersOnServerCorePct']:.0f}% on its core) | "
@@ -451,6 +507,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 uri = stack.enter_context(mongo_server.mongodb_uri())
             for stored in sizes:
                 print(f"{args.backend}: {stored:,} tasks stored ...", file=sys.stderr, flush=True)
+                if args.wait_quiet:
+                    # off the event loop: nothing else runs in this process meanwhile
+                    used = wait_quiet(args.wait_quiet)
+                    print(f"  other processes use {used:.0f}% of a core", file=sys.stderr)
                 results.append(await run_size(args, stored, Path(tmp), uri))
                 print("  " + row(results[-1]), file=sys.stderr, flush=True)
     print("| backend | tasks stored | tasks/s | POST → task.completed p50 / p99 (ms) | "
@@ -463,7 +523,7 @@ async def main_async(args: argparse.Namespace) -> None:
               f"{results[-1]['tasksPerS'] / results[0]['tasksPerS']:.2f}x")
     out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-tasks-throughput-{args.backend}.json"
     out.write_text(json.dumps({"args": vars(args), "loadavg": os.getloadavg(),
-                               "results": results}, indent=2))
+                               "results": results}, indent=2, default=str))
     print(f"\n(raw figures: {out.relative_to(ROOT)})")
 
 
@@ -487,12 +547,22 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=ROOT,
                         help="the Droid source tree to run (default: this checkout; e.g. an "
                              "export of a commit: git archive HEAD | tar -x -C DIR)")
+    parser.add_argument("--wait-quiet", type=float, default=30.0, metavar="S",
+                        help="before each size, wait up to S s for other processes to leave "
+                             "the CPUs nearly idle (default 30; 0: do not wait)")
+    parser.add_argument("--one-hop-events", action="store_true",
+                        help="experiment (SQLite): the server numbers and stores each envelope "
+                             "in one store call instead of two (see one_hop_events)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the server and the load run on any core (default: server on "
+                             "CPU 0, load on CPU 1)")
     parser.add_argument("--profile", action="store_true",
                         help="record the server with py-spy (pip install py-spy) into "
                              "bench/results/*-tasks-*.txt; summarise with "
                              "bench/profile_summary.py")
     args = parser.parse_args()
     args.src = args.src.resolve()
+    PIN["on"] = not args.no_pin
     sys.path.insert(0, str(args.src))  # the preloading uses the same store code
     try:
         os.nice(NICE)  # as bench/run.py does: other processes disturb the bench less
