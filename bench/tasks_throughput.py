@@ -262,6 +262,17 @@ async def preload_mongo(uri: str, db: str, count: int) -> None:
         await store.close()
 
 
+async def drop_mongo(uri: str, db: str) -> None:
+    from droid.store.mongo import MongoStore
+
+    store = MongoStore(uri, db)
+    await store.open()
+    try:
+        await store.drop()
+    finally:
+        await store.close()
+
+
 # --- the load ----------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -474,6 +485,8 @@ async def run_size(args: argparse.Namespace, stored: int, workdir: Path,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        if mongo_uri:
+            await drop_mongo(mongo_uri, db)  # a real MongoDB (DROID_TEST_MONGODB_URI) keeps it
         errors = [line for line in log.read_text(errors="replace").splitlines()
                   if " ERROR " in line or "Traceback" in line]
         if errors:
