@@ -245,6 +245,8 @@ async def main() -> None:
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--every", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--rate", type=float, default=20.0, help="large tasks created a second")
+    parser.add_argument("--hot-users", type=int, default=0,
+                        help="create tasks for only this many users (0: all of them)")
     parser.add_argument("--stall-s", type=float, default=40.0,
                         help="how long a stalled client stays before it is replaced")
     parser.add_argument("--json", help="write the samples and the summary here")
@@ -268,7 +270,8 @@ async def main() -> None:
         tasks += [asyncio.create_task(stalled_polling(port, users[i % len(users)], stats, stop,
                                                       args.stall_s))
                   for i in range(args.clients - 2 * per_kind)]
-        tasks += [asyncio.create_task(publisher(port, users, args.rate, stats, stop)),
+        hot = users[:args.hot_users] if args.hot_users else users
+        tasks += [asyncio.create_task(publisher(port, hot, args.rate, stats, stop)),
                   asyncio.create_task(health(port, stats, stop))]
         started = time.monotonic()
         print(f"{'t (s)':>6} {'RSS MB':>7} {'fds':>5} {'heads':>6} {'ws':>4} {'polling':>7} "

@@ -37,6 +37,7 @@ import tornado.web
 from socketio import packet as sio_packet
 
 from .delivery import EngineServer
+from .errors import Invalid
 from .handlers.base import BoundedBody
 from .transport import TransportServer, frame_refusal
 from .util import dumps
@@ -109,7 +110,10 @@ def guard_polling(base: type, eio: Any) -> type:
             if result is not None:
                 await result
             if self.request.method == "POST" and not self._finished:
-                self.start_body()
+                try:
+                    self.start_body()
+                except Invalid as exc:  # a Content-Length that is not a number
+                    self._answer(400, "Bad Request", str(exc.message))
 
         def body_too_large(self) -> None:
             log.info("long-polling POST from %s over %d bytes: ending its session",

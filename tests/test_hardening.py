@@ -510,3 +510,21 @@ async def test_an_unknown_email_costs_the_same_argon2_work_as_a_known_one():
     passwords = Passwords()
     real = await passwords.hash("correct horse")
     assert argon2.extract_parameters(passwords._dummy) == argon2.extract_parameters(real)
+
+
+def _config_error(**env: Any) -> str:
+    from droid.config import ConfigError
+    with pytest.raises(ConfigError) as info:
+        make_config(**env)
+    return str(info.value)
+
+
+async def test_limit_variables_are_checked_at_start_up():
+    assert "DROID_TRUSTED_PROXIES" in _config_error(DROID_TRUSTED_PROXIES="10.0.0.0/8, nope")
+    assert "DROID_TRUSTED_PROXIES" in _config_error(DROID_TRUSTED_PROXIES="*, 10.0.0.1")
+    assert "DROID_MAX_BACKLOG_BYTES" in _config_error(DROID_MAX_BACKLOG_BYTES="1000")
+    assert "DROID_HEADER_TIMEOUT_S" in _config_error(DROID_HEADER_TIMEOUT_S="soon")
+    assert "DROID_AUTH_ATTEMPTS_PER_ADDRESS" in _config_error(DROID_AUTH_ATTEMPTS_PER_ADDRESS="0")
+    config = make_config(DROID_TRUSTED_PROXIES="10.0.0.0/8, ::1", DROID_BODY_TIMEOUT_S="5")
+    assert config.trusted_proxies == ("10.0.0.0/8", "::1") and config.body_timeout_s == 5.0
+    assert make_config().trusted_proxies == ()  # unset: X-Forwarded-For is believed from no one
