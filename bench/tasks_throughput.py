@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """End-to-end tasks/s through REST + worker + events, with many tasks already stored.
 
-    .venv/bin/python bench/tasks_throughput.py                   # SQLite: 1,000 / 10,000 / 100,000 stored
-    .venv/bin/python bench/tasks_throughput.py --stored 1000 --backend mongo   # SecantusDB, for the record
-    .venv/bin/python bench/tasks_throughput.py --stored 100000 --profile       # + py-spy of the server
+    .venv/bin/python bench/tasks_throughput.py             # SQLite: 1,000 / 10,000 / 100,000 stored
+    .venv/bin/python bench/tasks_throughput.py --stored 1000 --backend mongo     # for the record
+    .venv/bin/python bench/tasks_throughput.py --stored 100000 --profile   # + py-spy of the server
 
 For each size: a fresh data folder is filled with that many completed tasks of 20 users (one
 transaction on SQLite, through the store's own insert; `MongoStore.insert_task` one by one on
@@ -464,7 +464,8 @@ async def run_size(args: argparse.Namespace, stored: int, workdir: Path,
         url = f"http://127.0.0.1:{port}"
         await wait_ready(url, proc, log)
         if args.profile:
-            spy_out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-tasks-{args.backend}-{stored}.txt"
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            spy_out = RESULTS / f"{stamp}-tasks-{args.backend}-{stored}.txt"
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record",
                                     "--pid", str(proc.pid), "--format", "raw", "--rate", "250",
                                     "--output", str(spy_out)],

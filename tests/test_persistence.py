@@ -7,12 +7,10 @@ old tokens: the generated key is kept there too), their tasks and their events.
 """
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from conftest import Api
-from test_processes import DroidProcess, spawn, task_envelopes  # noqa: F401 - the fixture
+from test_processes import spawn, task_envelopes  # noqa: F401 - spawn is a fixture
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,7 +52,8 @@ async def test_a_restart_keeps_users_tokens_tasks_and_events(tmp_path, spawn, li
     api = Api(second.url)
     try:
         # The old token still works (the key was kept), and the password signs in again.
-        assert (await api.get("/tasks?limit=100", token=user["token"])).body["items"] == tasks_before
+        listed = (await api.get("/tasks?limit=100", token=user["token"])).body["items"]
+        assert listed == tasks_before
         login = await api.post("/auth/login", {"email": user["email"],
                                                "password": "correct horse battery"})
         assert login.status == 200, login.body

@@ -194,7 +194,8 @@ async def test_a_process_killed_mid_attempt_has_its_task_completed_by_another_af
         reply = await api_a.post("/tasks", {"prompt": "a long one"}, token=user["token"])
         assert reply.status == 201, reply.body
         task_id = reply.body["id"]
-        await sock.next("task.processing", timeout=10, where=lambda e: e["data"]["taskId"] == task_id)
+        await sock.next("task.processing", timeout=10,
+                        where=lambda e: e["data"]["taskId"] == task_id)
 
         # b joins with a fast agent while a is alive: a renews its lease, so b leaves the task
         # alone for longer than a lease.
