@@ -91,7 +91,6 @@ class HeadTooLarge(tornado.web.RequestHandler):
         self.set_status(431)
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
-        self.set_header("Connection", "close")
         self.finish(dumps({"statusCode": 431, "error": "Request Header Fields Too Large",
                            "message": f"Request line and headers must be at most "
                                       f"{MAX_HEADER_BYTES} bytes"}))

@@ -157,6 +157,9 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
             elif origin.rstrip("/") in allowed:
                 self.set_header("Access-Control-Allow-Origin", origin)
                 self.set_header("Vary", "Origin")
+            else:
+                return
+            self.set_header("Access-Control-Expose-Headers", "Retry-After")  # on 429s
 
     async def prepare(self) -> None:
         self.start_body()
