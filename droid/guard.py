@@ -38,6 +38,7 @@ from socketio import packet as sio_packet
 
 from .delivery import EngineServer
 from .errors import Invalid
+from .events import NAMESPACE
 from .handlers.base import BoundedBody
 from .transport import TransportServer, frame_refusal
 from .util import dumps
@@ -188,6 +189,9 @@ class GuardedServer(socketio.AsyncServer):
     # Set when wiring the app: closes the client's WebSocket, if it has one (ending the
     # Engine.IO session alone leaves it open until the ping timeout).
     close_transport: Callable[[str], None] | None = None
+    # socket.io's connectTimeout: an Engine.IO session that has not joined /events by then is
+    # ended; it would otherwise live for as long as its client answers pings.
+    connect_timeout_s = 45.0
 
     def __init__(self, *args: Any, transport: bool = False, **kwargs: Any) -> None:
         self._droid_transport = transport  # read by _engineio_server_class, during __init__
@@ -195,6 +199,24 @@ class GuardedServer(socketio.AsyncServer):
 
     def _engineio_server_class(self) -> type:
         return TransportServer if self._droid_transport else EngineServer
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict) -> Any:
+        result = await super()._handle_eio_connect(eio_sid, environ)
+        asyncio.get_running_loop().call_later(self.connect_timeout_s, self._connect_deadline,
+                                              eio_sid)
+        return result
+
+    def _connect_deadline(self, eio_sid: str) -> None:
+        if eio_sid not in self.eio.sockets or \
+                self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is not None:
+            return
+        log.info("ending Engine.IO session %s: not on %s after %g s", eio_sid, NAMESPACE,
+                 self.connect_timeout_s)
+        if self.close_transport is not None:
+            self.close_transport(eio_sid)
+        task = asyncio.get_running_loop().create_task(end_session(self.eio, eio_sid))
+        _ending.add(task)  # keep a reference until it is done
+        task.add_done_callback(_ending.discard)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         why = refusal(data)

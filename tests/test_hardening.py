@@ -528,3 +528,20 @@ async def test_limit_variables_are_checked_at_start_up():
     config = make_config(DROID_TRUSTED_PROXIES="10.0.0.0/8, ::1", DROID_BODY_TIMEOUT_S="5")
     assert config.trusted_proxies == ("10.0.0.0/8", "::1") and config.body_timeout_s == 5.0
     assert make_config().trusted_proxies == ()  # unset: X-Forwarded-For is believed from no one
+
+
+async def test_an_engineio_session_that_never_joins_events_is_ended(droid, listen):
+    """Like socket.io's connectTimeout: a session without a /events connection is ended (it
+    used to live for as long as its client answered pings)."""
+    droid.sio.connect_timeout_s = 1.5
+    polling = Polling(droid)
+    idle = await polling.open()
+    user = str(uuid.uuid4())
+    tab = await listen(droid.url, jwt.encode({"sub": user, "exp": time.time() + 60}, TEST_SECRET,
+                                             algorithm="HS256"))
+    await tab.next("connected")
+    await wait_until(lambda: _true(idle not in droid.sio.eio.sockets), timeout=5)
+    assert (await polling.fetch(f"&sid={idle}", timeout=5)).code == 400
+    # The one that joined in time stays.
+    assert await tab.client.call("ping", {"message": "still"}, namespace="/events", timeout=5)
+    polling.close()
