@@ -333,3 +333,25 @@ async def test_a_stalled_sse_reader_is_given_at_most_the_bytes_bound_at_once(dro
     assert held() <= MAX_BACKLOG_BYTES + 70_000, held()
     writer.close()
     await writer.wait_closed()
+
+
+async def test_an_sse_reader_that_takes_nothing_is_disconnected(droid, monkeypatch):
+    import droid.handlers.events as sse
+    monkeypatch.setattr(sse, "DRAIN_TIMEOUT_S", 0.5)
+    user = str(uuid.uuid4())
+    for n in range(120):
+        await droid.gateway.events.publish(user, "task.created", {"n": n, "pad": LARGE})
+    raw = socket.create_connection(("127.0.0.1", droid.port))
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader, writer = await asyncio.open_connection(sock=raw)
+    writer.write(f"GET /events/stream?after=0&token={mint(user)} HTTP/1.1\r\n"
+                 "Host: 127.0.0.1\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+
+    def streams() -> int:
+        return sum(1 for c in droid.server._connections if c.stream is not None)
+    assert streams() == 1
+    # It reads nothing more: the server lets go of it (and of what it held for it).
+    await wait_until(lambda: _async(streams() == 0), timeout=10)
+    writer.close()
+    await writer.wait_closed()
