@@ -22,8 +22,8 @@ background task. Droid has no binary events and needs nothing but the four clien
   EVENTs that are not a list starting with an event name, and turns any exception of the
   dispatch into a disconnect, and ends an Engine.IO session that has not joined /events within
   `connect_timeout_s` (45 s, socket.io's connectTimeout). It overrides private methods of
-  python-socketio: setup.cfg pins python-socketio below 6. Being Droid's one AsyncServer subclass, it is also where python-engineio
-  is given its server class: `transport.TransportServer` (Droid's WebSocket transport, which
+  python-socketio: setup.cfg pins python-socketio below 6. Being Droid's one AsyncServer
+  subclass, it is also where python-engineio is given its server class: `transport.TransportServer` (Droid's WebSocket transport, which
   applies `transport.frame_refusal` to every frame itself) when `transport=True`, else
   `delivery.EngineServer` (python-engineio's own WebSocket loop, lean per-socket queues).
 """

@@ -147,7 +147,8 @@ def _draw(strategy, count: int) -> list:
 
 
 ODD_KEYS = st.one_of(st.text(max_size=6), st.sampled_from(
-    ["", "\u0000", "a\u0000", "$", "$ref", "$id", "a.b", ".", "\u2028", "😀", "_id", "__proto__"]))
+    ["", "\u0000", "a\u0000", "$", "$ref", "$id", "a.b", ".", "\u2028", "😀", "_id",
+     "__proto__"]))
 ODD_SCALARS = st.one_of(
     st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False),
     st.integers(-2**64, 2**64 - 1), st.text(max_size=20),

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import re
-import socket
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -260,11 +259,6 @@ async def test_a_body_over_1_mib_with_content_length_is_a_413_too(droid, api, ca
 
 # 4 and 7. Engine.IO long-polling requests are always answered -----------------------------------
 
-async def polling_session(droid, http) -> str:
-    reply = await http.get(droid.url + "/socket.io/?EIO=4&transport=polling")
-    return re.search(r'"sid":"([^"]+)"', reply).group(1)
-
-
 class Polling:
     """Long-polling requests over Tornado's HTTP client."""
 
@@ -385,8 +379,9 @@ async def test_log_lines_escape_control_characters_from_clients(droid, api, capl
         await probe.client.connect(droid.url, namespaces=["/x\nforged line\u2028"],
                                    transports=["websocket"], wait_timeout=5)
     subject = Listener()  # a token's subject is the user id the gateway logs
-    await subject.connect(droid.url, jwt.encode({"sub": "u\r\nforged\x1b", "exp": time.time() + 60},
-                                                TEST_SECRET, algorithm="HS256"))
+    forged = jwt.encode({"sub": "u\r\nforged\x1b", "exp": time.time() + 60}, TEST_SECRET,
+                        algorithm="HS256")
+    await subject.connect(droid.url, forged)
     await subject.close()
 
     def seen(text: str) -> bool:
