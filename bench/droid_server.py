@@ -218,6 +218,8 @@ def _owner(traceback: Any) -> str:
 def main() -> None:
     if os.environ.get("BENCH_TRACEMALLOC"):
         tracemalloc.start(12)
+    if os.environ.get("BENCH_WS_TRANSPORT") == "engineio":  # A/B: python-engineio's own loop
+        droid_app.WS_TRANSPORT = False
     real_make_app = droid_app.make_app
 
     async def make_app(*args: Any, **kwargs: Any) -> Any:

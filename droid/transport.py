@@ -45,6 +45,7 @@ import logging
 import math
 import struct
 import time
+import weakref
 from typing import Any, Callable
 
 from engineio import exceptions as eio_exceptions
@@ -391,11 +392,13 @@ class TransportQueue(LeanQueue):
 
 class PingWheel:
     """Every socket's next ping and ping deadline, in buckets of `resolution` seconds under one
-    timer (python-engineio starts a task per socket that sleeps the ping interval)."""
+    timer (python-engineio starts a task per socket that sleeps the ping interval, and that task
+    keeps a closed socket alive until it wakes). Entries hold their socket weakly: a closed
+    session is freed at once."""
 
     def __init__(self, server: "TransportServer") -> None:
         self.server = server
-        self.buckets: dict[int, list[tuple[Any, float | None]]] = {}
+        self.buckets: dict[int, list[tuple[weakref.ref, float | None]]] = {}
         self.cursor: int | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -404,7 +407,7 @@ class PingWheel:
         s = self.server
         return max(0.05, min(1.0, s.ping_interval / 4, s.ping_timeout / 4))
 
-    def _add(self, when: float, entry: tuple[Any, float | None]) -> None:
+    def _add(self, when: float, entry: tuple[weakref.ref, float | None]) -> None:
         res = self.resolution
         tick = math.ceil(when / res)
         self.buckets.setdefault(tick, []).append(entry)
@@ -419,7 +422,7 @@ class PingWheel:
 
     def ping_later(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()
-        self._add(loop.time() + self.server.ping_interval, (sock, None))
+        self._add(loop.time() + self.server.ping_interval, (weakref.ref(sock), None))
 
     def _tick(self) -> None:
         self.timer = None
@@ -428,7 +431,10 @@ class PingWheel:
         now = math.floor((loop.time() + 0.001) / res)  # call_at may run a hair early
         tick = self.cursor if self.cursor is not None else now
         while tick <= now:
-            for sock, stamp in self.buckets.pop(tick, ()):
+            for ref, stamp in self.buckets.pop(tick, ()):
+                sock = ref()
+                if sock is None:
+                    continue  # the session is over and gone
                 try:
                     self._due(sock, stamp)
                 except Exception:
@@ -450,7 +456,8 @@ class PingWheel:
         if stamp is None:  # time to ping
             sock.last_ping = stamp = time.time()
             _spawn_logged(sock.send(eio_packet.Packet(eio_packet.PING)), "a ping")
-            self._add(asyncio.get_running_loop().time() + server.ping_timeout, (sock, stamp))
+            self._add(asyncio.get_running_loop().time() + server.ping_timeout,
+                      (weakref.ref(sock), stamp))
         elif sock.last_ping == stamp:
             log.info("%s: no answer to a ping within %g s: closing", sock.sid,
                      server.ping_timeout)
