@@ -447,7 +447,10 @@ async def test_x_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(dro
 
 # login and registration rate limits ------------------------------------------------------------
 
-async def test_failed_logins_are_limited_per_account_alike_for_known_and_unknown_emails(api):
+async def test_failed_logins_are_limited_per_account_alike_for_known_and_unknown_emails(
+        droid_factory):
+    app = await droid_factory(DROID_AUTH_ATTEMPTS_PER_ADDRESS=1000)  # only the account's limit
+    api = Api(app.url)
     known = await api.register()
     unknown = f"nobody-{uuid.uuid4().hex[:8]}@example.com"
     seen = {}
@@ -468,6 +471,7 @@ async def test_failed_logins_are_limited_per_account_alike_for_known_and_unknown
     other = await api.register()
     reply = await api.post("/auth/login", {"email": other["email"], "password": other["password"]})
     assert reply.status == 200
+    api.close()
 
 
 async def test_refused_registrations_are_limited_per_account(droid_factory):
