@@ -31,8 +31,10 @@ that was most of an idle socket's memory and of a connection's cost (bench/RESUL
   its headers, the UI namespace, response headers): `_SlimRequest` keeps what logging and
   `events._peer` read.
 
-Hooks used: `create_queue` and `start_background_task` (public), the `websocket` entry of the
-driver table that `AsyncSocket._upgrade_websocket` calls (private), `AsyncSocket` attributes
+Hooks used: `create_queue` and `start_background_task` (public), the `websocket` and
+`translate_request` entries of the driver table (private; the first is what
+`AsyncSocket._upgrade_websocket` calls, the second builds every request's environ, here without
+a class object per request), `AsyncSocket` attributes
 (`connected`, `upgrading`, `upgraded`, `closed`, `last_ping`, `queue`), Tornado's
 `ws_connection.stream` and `_compressor` (private: `Transport` is the only reader).
 """
@@ -44,9 +46,11 @@ import contextvars
 import logging
 import math
 import struct
+import sys
 import time
 import weakref
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from engineio import exceptions as eio_exceptions
 import tornado.web
@@ -63,6 +67,9 @@ PROBING, UPGRADING, OPEN, CLOSED = "probing", "upgrading", "open", "closed"
 # A client this far behind in reading is dropped: the contract's slow-consumer bound, in bytes,
 # as Delivery counts it (before the message being written: one large message never trips it).
 MAX_BUFFERED_BYTES = MAX_BACKLOG_BYTES
+# Nagle's algorithm off on every WebSocket, as Node's servers do: the handshake and each event are
+# small writes that must not wait for the peer's (delayed) acknowledgement of the previous one.
+NODELAY = True
 _CLIENT_KINDS = frozenset("123456")
 _SIO_CLIENT_PACKETS = frozenset("0123")  # CONNECT, DISCONNECT, EVENT, ACK
 
@@ -191,6 +198,11 @@ class Transport:
     # opening
 
     def attach(self) -> None:
+        if NODELAY:
+            try:
+                self.stream.set_nodelay(True)
+            except OSError:  # closed meanwhile: on_close follows
+                pass
         sock = self.socket
         self.server.ws_transports[sock.sid] = self
         self.handler.transport = self
@@ -497,6 +509,62 @@ _HANDSHAKE_ONLY = ("wsgi.input", "HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_V
                    "HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_ACCEPT_ENCODING")
 
 
+class _Payload:
+    """A request body as python-engineio reads it (`await environ['wsgi.input'].read(n)`): what
+    its Tornado driver's `AwaitablePayload` does, without defining that class anew for every
+    request (a class object is 2.5 KB and costs a type creation per request)."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes | None) -> None:
+        self.payload = payload or b""
+
+    async def read(self, length: int | None = None) -> bytes:
+        if length is None:
+            r, self.payload = self.payload, b""
+        else:
+            r, self.payload = self.payload[:length], self.payload[length:]
+        return r
+
+
+def translate_request(handler: Any) -> dict:
+    """python-engineio's Tornado `translate_request` (4.15), with a module-level body reader."""
+    request = handler.request
+    path = request.path
+    query = request.query or ""
+    environ = {
+        "wsgi.input": _Payload(request.body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.version": (1, 0),
+        "wsgi.async": True,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        "SERVER_SOFTWARE": "aiohttp",
+        "REQUEST_METHOD": request.method,
+        "QUERY_STRING": query,
+        "RAW_URI": path + "?" + query if query else path,
+        "SERVER_PROTOCOL": "HTTP/%s" % request.version,
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": "0",
+        "SERVER_NAME": "aiohttp",
+        "SERVER_PORT": "0",
+        "tornado.handler": handler,
+    }
+    for name, value in request.headers.items():
+        name = name.upper()
+        if name == "CONTENT-TYPE":
+            environ["CONTENT_TYPE"] = value
+        elif name == "CONTENT-LENGTH":
+            environ["CONTENT_LENGTH"] = value
+        else:
+            environ["HTTP_" + name.replace("-", "_")] = value
+    environ["wsgi.url_scheme"] = environ.get("HTTP_X_FORWARDED_PROTO", "http")
+    environ["PATH_INFO"] = urlsplit(path).path
+    environ["SCRIPT_NAME"] = ""
+    return environ
+
+
 class TransportServer(EngineServer):
     """python-engineio's server with Droid's WebSocket transport (and lean queues)."""
 
@@ -506,7 +574,9 @@ class TransportServer(EngineServer):
         self.wheel = PingWheel(self)
         self.max_buffered_bytes = MAX_BUFFERED_BYTES
         self.on_overflow: Callable[[str], None] | None = None
-        self._async = dict(self._async, websocket=_Opener)  # this server's copy of the table
+        # this server's copy of the driver table: WebSockets get a Transport, and requests an
+        # environ without a class object defined per request
+        self._async = dict(self._async, websocket=_Opener, translate_request=translate_request)
 
     def create_queue(self, *args: Any, **kwargs: Any) -> Any:
         return TransportQueue() if not args and not kwargs else super().create_queue(*args, **kwargs)
