@@ -41,7 +41,8 @@ def post(url: str) -> dict:
         return json.loads(resp.read())
 
 
-async def open_socket(base: str, user: str, ready: asyncio.Semaphore) -> websockets.ClientConnection:
+async def open_socket(base: str, user: str,
+                      ready: asyncio.Semaphore) -> websockets.ClientConnection:
     token = jwt.encode({"sub": user, "exp": int(time.time()) + 86400}, SECRET, algorithm="HS256")
     async with ready:
         ws = await websockets.connect(base + "/socket.io/?EIO=4&transport=websocket",

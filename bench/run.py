@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""Droid against the Node socket.io reference, side by side, on this machine: one command.
+"""Droid against two Node socket.io references, side by side, on this machine: one command.
 
-    python bench/run.py            # 3 alternating runs of every workload (about 10 minutes)
+    python bench/run.py            # 3 alternating runs of every workload (about 20 minutes)
     python bench/run.py --quick    # 1 short run with few sockets (under a minute)
 
-Each server (Droid through bench/droid_server.py, the reference through bench/reference/server.js)
-runs pinned to CPU 0 and the one load generator (bench/reference/loadgen.js: node,
-socket.io-client, WebSocket transport, offering per-message deflate) to CPU 1. Every workload
-group gets a fresh server process; the servers alternate within each run (Droid first in odd
-runs, the reference first in even ones). The table shows the median over the runs and the ratio
-Droid / reference of those medians; the JSON with every run's raw figures goes to
+Each server (Droid through bench/droid_server.py; the reference, bench/reference/server.js on
+socket.io as shipped; the native reference, the same server.js on the packages of
+bench/reference-native/: socket.io with ws's native helpers bufferutil and utf-8-validate) runs
+pinned to CPU 0 and the one load generator (bench/reference/loadgen.js: node, socket.io-client,
+WebSocket transport, offering per-message deflate) to CPU 1. Every workload group gets a fresh
+server process; the servers alternate within each run (Droid, reference, native in odd runs,
+the reverse in even ones). The table shows the median over the runs and the ratios
+Droid / each reference of those medians; the JSON with every run's raw figures goes to
 bench/results/. bench/README.md explains each workload and how to read the ratios.
 
 Only the standard library is used here; Droid itself runs on the project's virtual environment
-(.venv/bin/python when present, else this interpreter). The reference's npm packages are
-installed with `npm ci` from bench/reference/package-lock.json when they are missing.
+(.venv/bin/python when present, else this interpreter). The references' npm packages are
+installed with `npm ci` from their package-lock.json files when they are missing.
 """
 from __future__ import annotations
 
@@ -485,7 +487,8 @@ def fmt(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def table(medians: dict[str, dict], p: dict, servers: list[str] | None = None) -> tuple[str, list[dict]]:
+def table(medians: dict[str, dict], p: dict,
+          servers: list[str] | None = None) -> tuple[str, list[dict]]:
     """A Markdown table of the medians and the ratios Droid / each reference, and the same rows
     as data."""
     names = {"small": f"{p['small']:,}", "large": f"{p['large']:,}",
@@ -504,7 +507,8 @@ def table(medians: dict[str, dict], p: dict, servers: list[str] | None = None) -
         ratios: dict[str, float | None] = {}
         verdicts = []
         for r, v in values.items():
-            ratio = d / v if isinstance(d, (int, float)) and isinstance(v, (int, float)) and v > 0 else None
+            numbers = isinstance(d, (int, float)) and isinstance(v, (int, float))
+            ratio = d / v if numbers and v > 0 else None
             ratios[r] = ratio
             if goal is not None and ratio is not None:
                 met = ratio >= goal if better == "higher" else ratio <= goal
@@ -532,7 +536,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 short run with few sockets (< 60 s)")
     ap.add_argument("--runs", type=int, help="alternating runs (default 3, quick 1)")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="droid,reference,native (default all three: Droid, the Node "
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help="droid,reference,native (default all three: Droid, the Node "
                          "reference, the Node reference with ws's native helpers)")
     ap.add_argument("--sessions", default=",".join(SESSIONS),
                     help=f"workload groups to run (default all: {','.join(SESSIONS)})")
