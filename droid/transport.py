@@ -579,7 +579,9 @@ class TransportServer(EngineServer):
         self._async = dict(self._async, websocket=_Opener, translate_request=translate_request)
 
     def create_queue(self, *args: Any, **kwargs: Any) -> Any:
-        return TransportQueue() if not args and not kwargs else super().create_queue(*args, **kwargs)
+        if args or kwargs:
+            return super().create_queue(*args, **kwargs)
+        return TransportQueue()
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(target, "__func__", None) is async_socket.AsyncSocket._send_ping:
