@@ -21,7 +21,9 @@ are written to every recipient's Tornado stream, with no task per recipient. Tha
 where it cannot reorder anything: a WebSocket transport without per-message deflate whose
 python-engineio writer is idle, waiting on an empty queue. Any other socket (long-polling, deflate
 negotiated, writer busy or packets queued) gets the same pre-encoded packet through
-python-engineio's own queue, behind what is already there.
+python-engineio's own queue, behind what is already there. With Droid's WebSocket transport
+(droid/transport.py, what make_app wires) the frames go to `Transport.send_frames`, which writes
+everything in the order it is sent; the queue is then only for sockets not (yet) on a WebSocket.
 
 **Bounds.** A socket with more than `max_backlog` messages, or more than `max_backlog_bytes`
 bytes, not yet written (in python-engineio's queue, in Tornado's write buffer through
