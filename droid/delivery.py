@@ -12,7 +12,9 @@ the envelope itself arriving (from this process or, over Redis, from another) or
 store after `gap_wait_s`. A hole that the store never fills (a publisher that died between
 numbering an envelope and storing it) is skipped after `gap_give_up_s`. A replay (`attach`)
 advances the same counter, so resuming needs no lock against publishing, in this process or any
-other: envelopes published during the replay are held and released after it.
+other: envelopes published during the replay are held and released after it. A resume whose next
+envelopes are not in the store yet because they are still being stored waits for them the same
+way, rather than answering `resync` for a history that is not lost.
 
 **Speed.** A room emit through python-socketio costs, per recipient, an asyncio task, a queue
 hop, a writer wake-up with its own `wait_for` timer, and the framing. Here each envelope is
@@ -56,6 +58,9 @@ MAX_BACKLOG_BYTES = 4 * 1024 * 1024
 REPLAY_BATCH = 500
 GAP_WAIT_S = 0.2
 GAP_GIVE_UP_S = 3.0
+# A resume whose next seqs are missing from the store waits for them (up to GAP_GIVE_UP_S) only
+# when so few are missing that publishers still storing them could explain it.
+IN_FLIGHT_MAX = 64
 DRAIN_TIMEOUT_S = 30.0
 
 
@@ -183,14 +188,27 @@ class Delivery:
 
     async def _replay(self, box: Outbox, last_seq: int | None) -> int | None:
         user_id = box.user_id
-        last = await self.store.last_seq(user_id)
-        if last_seq is None or last_seq >= last:
-            box.next_seq = last + 1
-            return None
-        oldest = await self.store.oldest_seq(user_id)
-        if oldest is None or oldest > last_seq + 1:
-            box.next_seq = last + 1
-            return oldest if oldest is not None else last + 1
+        waited = 0.0
+        while True:
+            last = await self.store.last_seq(user_id)
+            if last_seq is None or last_seq >= last:
+                box.next_seq = last + 1
+                return None
+            oldest = await self.store.oldest_seq(user_id)
+            if oldest is not None and oldest <= last_seq + 1:
+                break
+            # What follows last_seq is not stored: expired (the client must resync), or
+            # numbered by a publisher, here or in another process, that has not stored it yet.
+            # The second is only ever the newest few seqs, and lasts milliseconds: wait for it
+            # as the gap watcher does, rather than tell the client its history is gone.
+            missing = (last if oldest is None else oldest - 1) - last_seq
+            if missing > IN_FLIGHT_MAX or waited >= self.gap_give_up_s:
+                box.next_seq = last + 1
+                return oldest if oldest is not None else last + 1
+            await asyncio.sleep(self.gap_wait_s)
+            waited += self.gap_wait_s
+            if self.outboxes.get(box.sid) is not box or not box.subscribed:
+                return None
         box.next_seq = last_seq + 1
         while self.outboxes.get(box.sid) is box and box.subscribed:
             docs = await self.store.events_after(user_id, box.next_seq - 1, REPLAY_BATCH)
