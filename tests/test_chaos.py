@@ -96,7 +96,7 @@ async def _chaos(apps, seed: int) -> None:
             app = apps[(i // USERS) % len(apps)]  # a user's envelopes alternate instances
             await app.tasks.publisher.publish(user["id"], "task.created",
                                               {"taskId": f"t{i}", "userId": user["id"], "n": i})
-            await asyncio.sleep(0)  # the embedded engine never suspends: let sockets in
+            await asyncio.sleep(0)  # let sockets in between publishes
 
     await asyncio.gather(*[publisher(k) for k in range(4)])
     done.set()

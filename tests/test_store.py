@@ -153,6 +153,15 @@ async def test_open_and_close_are_idempotent_and_open_keeps_data(backend: Backen
     await store.close()
 
 
+async def test_a_mongo_store_that_cannot_open_is_left_closed() -> None:
+    # Nothing listens on port 9 of 127.0.0.1: server selection gives up after 5 s.
+    store = MongoStore("mongodb://127.0.0.1:9/", "droid_none")
+    with pytest.raises(Exception):
+        await store.open()
+    assert store.client is None  # not half open: no client left behind
+    await store.close()
+
+
 async def test_a_new_store_object_sees_the_data_except_in_memory(backend: Backend) -> None:
     first = await backend.fresh()
     user = user_doc()
@@ -469,6 +478,17 @@ async def test_update_attempt_sets_fields_and_counts_a_retry(store: Store) -> No
     # An end already recorded is final.
     assert await store.update_attempt(task["_id"], 2, {"status": "failed"}) is None
     assert await store.task_by_id(task["_id"]) == done
+
+
+async def test_update_attempt_with_nothing_to_set_reads_the_current_attempt(store: Store) -> None:
+    user = new_id()
+    task = task_doc(user, created=utcnow() - secs(5))
+    await store.insert_task(task)
+    now = utcnow()
+    claimed = await store.claim_task("w1", now, now + secs(30))
+    assert await store.update_attempt(task["_id"], 1, {}) == claimed
+    assert await store.update_attempt(task["_id"], 2, {}) is None  # not the current attempt
+    assert await store.task_by_id(task["_id"]) == claimed
 
 
 async def test_a_stale_attempt_cannot_overwrite_a_newer_one(backend: Backend) -> None:

@@ -111,7 +111,8 @@ class Store(abc.ABC):
         """Set `fields` on the task if attempt `attempt` is still its current one (status
         processing, same attempt number); with `count_retry`, retryCount + 1 as well.
         The updated task, or None when the attempt is no longer current (a stale attempt never
-        overwrites a newer one, a cancel, or an end already recorded)."""
+        overwrites a newer one, a cancel, or an end already recorded). With nothing to set, the
+        task as it is, under the same condition."""
 
     @abc.abstractmethod
     async def renew_lease(self, task_id: str, attempt: int, owner: str,
@@ -142,7 +143,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def insert_event(self, doc: dict) -> None:
-        """Store {userId, seq, event, envelope, createdAt}; (userId, seq) is unique."""
+        """Store {userId, seq, event, envelope, createdAt}; (userId, seq) is unique: a second
+        envelope with a stored seq raises errors.Conflict."""
 
     @abc.abstractmethod
     async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:

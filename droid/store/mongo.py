@@ -34,6 +34,15 @@ class MongoStore(Store):
         # Created here, inside the event loop that uses it (the async client must not cross loops).
         self.client = AsyncMongoClient(self.uri, tz_aware=False, serverSelectionTimeoutMS=5000,
                                        appname="droid")
+        try:
+            await self._create_indexes()
+        except BaseException:
+            # Not half open: a failed open leaves the store closed, and open() may be retried.
+            client, self.client = self.client, None
+            await client.close()
+            raise
+
+    async def _create_indexes(self) -> None:
         db = self.client[self.db_name]
         self.db = db
         self.users = db["users"]
@@ -156,9 +165,11 @@ class MongoStore(Store):
         update: dict = {"$set": dict(fields)} if fields else {}
         if count_retry:
             update["$inc"] = {"retryCount": 1}
-        return await self.tasks.find_one_and_update(
-            {"_id": task_id, "status": "processing", "attempt": attempt}, update,
-            return_document=ReturnDocument.AFTER)
+        current = {"_id": task_id, "status": "processing", "attempt": attempt}
+        if not update:  # nothing to change: the attempt as it is, if it is still current
+            return await self.tasks.find_one(current)
+        return await self.tasks.find_one_and_update(current, update,
+                                                    return_document=ReturnDocument.AFTER)
 
     async def renew_lease(self, task_id: str, attempt: int, owner: str,
                           until: dt.datetime) -> bool:

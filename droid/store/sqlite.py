@@ -317,6 +317,8 @@ class SqliteStore(Store):
             args.append(to_ms(value) if key in _DATES else value)
         if count_retry:
             sets.append("retryCount = retryCount + 1")
+        if not sets:  # nothing to change: the attempt as it is, if it is still current
+            sets.append("id = id")
         sql = (f"UPDATE tasks SET {', '.join(sets)} "
                "WHERE id = ? AND status = 'processing' AND attempt = ? RETURNING *")
         return await self._run(self._one, sql, (*args, task_id, attempt))
