@@ -180,6 +180,16 @@ async def test_bad_list_queries_are_400(idle, query):
     assert reply.status == 400 and reply.body["statusCode"] == 400
 
 
+@pytest.mark.parametrize("query", ["cursor=%00%ff", "status=%ff", "agentId=%c3%28"])
+async def test_a_query_that_is_not_utf8_is_a_400_naming_the_parameter(idle, query):
+    _, api = idle
+    user = await api.register()
+    reply = await api.get(f"/tasks?{query}", token=user["token"])
+    name = query.split("=")[0]
+    assert reply.status == 400, reply.body
+    assert reply.body["message"] == f"{name} is not valid UTF-8", reply.body
+
+
 async def test_cancel_pending_task_then_cancel_again_is_409(idle):
     _, api = idle
     user = await api.register()

@@ -228,7 +228,7 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
                 self.set_header("Retry-After", str(retry_after))
         elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
             body = {"statusCode": status_code, "error": HTTPStatus(status_code).phrase,
-                    "message": exc.log_message or HTTPStatus(status_code).phrase}
+                    "message": _http_error_message(exc)}
             if status_code == 405:
                 self.set_header("Allow", ", ".join(self.allowed_methods()))
         else:
@@ -257,6 +257,19 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
         metrics = self.settings.get("metrics")
         if metrics is not None:
             metrics.http_requests.labels(code=f"{self.get_status() // 100}xx").inc()
+
+
+def _http_error_message(exc: tornado.web.HTTPError) -> str:
+    """The message of an error Tornado raised, in the client's terms (no Python reprs)."""
+    message = exc.log_message or HTTPStatus(exc.status_code).phrase
+    if exc.args:
+        try:
+            message = message % exc.args
+        except (TypeError, ValueError):
+            pass
+    if message.startswith("Invalid unicode in "):  # "Invalid unicode in cursor: b'\\xff'"
+        return f"{message[len('Invalid unicode in '):].split(':', 1)[0]} is not valid UTF-8"
+    return message
 
 
 class NotFoundHandler(ApiHandler):
