@@ -14,6 +14,7 @@ import tornado.netutil
 
 from . import __version__
 from .config import ConfigError, keep_generated_secret, load_config
+from .store import StoreUnavailable
 
 log = logging.getLogger("droid")
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"droid: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except OSError as exc:
+    except (OSError, StoreUnavailable) as exc:
         print(f"droid: cannot start: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -252,16 +252,23 @@ def keep_generated_secret(config: Config) -> Config:
             or config.data_dir == ":memory:"):
         return config
     path = os.path.join(config.data_dir, "jwt-secret")
-    os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path, encoding="utf-8") as f:
-            secret = f.read().strip()
-        if len(secret.encode()) < 32:
-            raise ConfigError(f"{path} holds no usable key: delete it or set JWT_SECRET") from None
-    else:
-        secret = config.jwt_secret
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(secret + "\n")
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            with open(path, encoding="utf-8") as f:
+                secret = f.read().strip()
+            if len(secret.encode()) < 32:
+                raise ConfigError(f"{path} holds no usable key: delete it or set JWT_SECRET") \
+                    from None
+        else:
+            secret = config.jwt_secret
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(secret + "\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        where = getattr(exc, "filename", None) or path
+        raise ConfigError(f"DROID_DATA_DIR {config.data_dir!r} is not a folder Droid can use "
+                          f"({where}: {reason})") from None
     return dataclasses.replace(config, jwt_secret=secret, jwt_secret_kept=path)

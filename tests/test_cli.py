@@ -1,5 +1,6 @@
 """The command line: --help and --version answer without starting, and every start-up error an
-operator must fix (a bad value, a port that cannot be listened on) is one line on stderr, exit 2."""
+operator must fix is one line on stderr: exit 2 for a bad value or a port that cannot be listened
+on, exit 1 for a database that cannot be opened."""
 from __future__ import annotations
 
 import os
@@ -90,6 +91,41 @@ def test_llm_base_url_without_llm_model_stops_start_up(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "LLM_MODEL" in lines[0], result.stderr
+
+
+def _last_line(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_mongodb_that_does_not_answer_is_one_line_without_the_password(tmp_path):
+    port = free_port()  # nothing listens there
+    result = run([], tmp_path, HOST="127.0.0.1", PORT="0",
+                 MONGODB_URI=f"mongodb://ada:s3cret@127.0.0.1:{port}/droid")
+    assert result.returncode == 1, result.stderr
+    line = _last_line(result)
+    assert line.startswith(f"droid: cannot start: MongoDB at 127.0.0.1:{port} cannot be used"), line
+    assert "s3cret" not in result.stderr and "Topology" not in line
+
+
+@pytest.mark.parametrize("kind", ["a file", "a folder where the database file goes",
+                                  "not a database"])
+def test_a_data_folder_droid_cannot_use_is_one_line_naming_droid_data_dir(tmp_path, kind):
+    data = tmp_path / "data"
+    if kind == "a file":
+        data.write_text("not a folder")
+        code, says = 2, "configuration error: DROID_DATA_DIR"
+    elif kind == "a folder where the database file goes":
+        (data / "droid.sqlite3").mkdir(parents=True)
+        code, says = 1, "cannot start: cannot open the SQLite store"
+    else:
+        data.mkdir()
+        (data / "droid.sqlite3").write_bytes(b"this is not an SQLite file at all. " * 10)
+        code, says = 1, "cannot start: cannot open the SQLite store"
+    result = run([], tmp_path, HOST="127.0.0.1", PORT="0")
+    assert result.returncode == code, result.stderr
+    line = _last_line(result)
+    assert line.startswith(f"droid: {says}") and "DROID_DATA_DIR" in line, line
 
 
 def test_library_errors_and_a_refused_origin_are_logged_once(tmp_path):

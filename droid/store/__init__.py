@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import ACTIVE, FINAL, IDEMPOTENCY_TTL_S, PRIORITY_RANK, STATUSES, Store
+from .base import (ACTIVE, FINAL, IDEMPOTENCY_TTL_S, PRIORITY_RANK, STATUSES, Store,
+                   StoreUnavailable)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -26,4 +27,4 @@ def store_from_config(config: "Config") -> Store:
 
 
 __all__ = ["ACTIVE", "FINAL", "IDEMPOTENCY_TTL_S", "PRIORITY_RANK", "STATUSES", "Store",
-           "store_from_config"]
+           "StoreUnavailable", "store_from_config"]

@@ -21,6 +21,11 @@ STATUSES = ACTIVE + FINAL
 IDEMPOTENCY_TTL_S = 24 * 3600
 
 
+
+class StoreUnavailable(Exception):
+    """The database cannot be opened (unreachable, refused, not a database): start-up says why
+    in one line."""
+
 class Store(abc.ABC):
     """All of Droid's persistent state. Methods never block the event loop.
 
@@ -145,6 +150,17 @@ class Store(abc.ABC):
     async def insert_event(self, doc: dict) -> None:
         """Store {userId, seq, event, envelope, createdAt}; (userId, seq) is unique: a second
         envelope with a stored seq raises errors.Conflict."""
+
+    async def append_event(self, user_id: str, event: str, envelope: dict,
+                           created_at: dt.datetime) -> int:
+        """Number the user's next envelope and store it: sets `envelope["seq"]` to next_seq's
+        number, stores it as insert_event does, and returns the number. This default takes the
+        two steps; a store that can take both at once (one transaction, one call) overrides it."""
+        seq = await self.next_seq(user_id)
+        envelope["seq"] = seq
+        await self.insert_event({"userId": user_id, "seq": seq, "event": event,
+                                 "envelope": envelope, "createdAt": created_at})
+        return seq
 
     @abc.abstractmethod
     async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:

@@ -14,10 +14,22 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..errors import Conflict
 from ..util import dumps, loads
-from .base import ACTIVE, STATUSES, Store
+from .base import ACTIVE, STATUSES, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+
+
+def _hosts(uri: str) -> str:
+    """The host list of a MongoDB URI, without its credentials or options."""
+    rest = uri.split("://", 1)[-1]
+    return rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+
+
+def _reason(exc: PyMongoError) -> str:
+    """PyMongo's message without the topology description it appends on a timeout."""
+    text = str(exc).split(", Timeout:", 1)[0].split(" (configured timeouts", 1)[0]
+    return f"{text[:300]} ({type(exc).__name__})"
 
 class MongoStore(Store):
     kind = "mongodb"
@@ -36,10 +48,13 @@ class MongoStore(Store):
                                        appname="droid")
         try:
             await self._create_indexes()
-        except BaseException:
+        except BaseException as exc:
             # Not half open: a failed open leaves the store closed, and open() may be retried.
             client, self.client = self.client, None
             await client.close()
+            if isinstance(exc, PyMongoError):
+                raise StoreUnavailable(f"MongoDB at {_hosts(self.uri)} cannot be used: "
+                                       f"{_reason(exc)}") from None
             raise
 
     async def _create_indexes(self) -> None:

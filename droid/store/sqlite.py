@@ -23,7 +23,7 @@ from typing import Any, Callable, TypeVar
 
 from ..errors import Conflict
 from ..util import dumps, loads
-from .base import ACTIVE, STATUSES, Store
+from .base import ACTIVE, STATUSES, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,9 +143,13 @@ class SqliteStore(Store):
             max_workers=1, thread_name_prefix="droid-sqlite")
         try:
             await self._run(self._connect)
-        except BaseException:
+        except BaseException as exc:
             self._executor.shutdown(wait=False)
             self._executor = None
+            if isinstance(exc, (OSError, sqlite3.Error)):
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise StoreUnavailable(f"cannot open the SQLite store {self.path} "
+                                       f"(DROID_DATA_DIR): {reason}") from None
             raise
         self._expiry = asyncio.create_task(self._expire_forever(), name="droid-sqlite-expiry")
 
