@@ -21,10 +21,10 @@ STATUSES = ACTIVE + FINAL
 IDEMPOTENCY_TTL_S = 24 * 3600
 
 
-
 class StoreUnavailable(Exception):
     """The database cannot be opened (unreachable, refused, not a database): start-up says why
     in one line."""
+
 
 class Store(abc.ABC):
     """All of Droid's persistent state. Methods never block the event loop.
