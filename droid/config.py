@@ -198,7 +198,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         if missing:
             raise ConfigError(f"DROID_ENV=production requires {' and '.join(missing)}")
 
-    cors = tuple(o.strip().rstrip("/") for o in env.get("CORS_ORIGIN", "*").split(",") if o.strip())
+    cors = _origins(env.get("CORS_ORIGIN", "*"))
     log_level = (env.get("LOG_LEVEL", "").strip() or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
@@ -242,6 +242,31 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         auth_attempts_per_address=_int(env, "DROID_AUTH_ATTEMPTS_PER_ADDRESS", 30, 1),
         auth_failures_per_account=_int(env, "DROID_AUTH_FAILURES_PER_ACCOUNT", 10, 1),
     )
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """CORS_ORIGIN's origins as browsers send them (scheme://host[:port], lower case), or `*`.
+    Anything else could never match a browser's Origin header: refused at start-up."""
+    origins = []
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/")
+        if not origin:
+            continue
+        if origin == "*":
+            origins.append(origin)
+            continue
+        try:
+            parts = urlsplit(origin)
+            ok = (parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+                  and not (parts.path or parts.query or parts.fragment or parts.username)
+                  and (parts.port or 0) >= 0)
+        except ValueError:  # a port that is not a number or out of range
+            ok = False
+        if not ok:
+            raise ConfigError("CORS_ORIGIN must be * or comma-separated origins such as "
+                              f"https://app.example.com (scheme://host[:port]), got {origin!r}")
+        origins.append(origin.lower())
+    return tuple(origins)
 
 
 def keep_generated_secret(config: Config) -> Config:

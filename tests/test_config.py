@@ -28,6 +28,13 @@ def test_dotenv_is_read_and_the_environment_wins(tmp_path):
     assert config.cors_origins == ("http://a.example", "http://b.example")
 
 
+def test_origins_are_kept_as_browsers_send_them():
+    config = load_config({"CORS_ORIGIN": " HTTPS://App.Example.com/ ,http://localhost:5173,"},
+                         dotenv_path=None)
+    assert config.cors_origins == ("https://app.example.com", "http://localhost:5173")
+    assert load_config({}, dotenv_path=None).cors_origins == ("*",)
+
+
 def test_database_name_comes_from_the_uri_unless_given():
     assert load_config({"MONGODB_URI": "mongodb://h:27017/shop"}, dotenv_path=None).mongodb_db == "shop"
     assert load_config({"MONGODB_URI": "mongodb://h:27017/shop", "MONGODB_DB": "x"},
@@ -48,6 +55,10 @@ def test_database_name_comes_from_the_uri_unless_given():
     ({"REDIS_URL": "http://x"}, "REDIS_URL"),
     ({"LLM_BASE_URL": "not a url"}, "LLM_BASE_URL"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"CORS_ORIGIN": "app.example.com"}, "CORS_ORIGIN"),  # no scheme: never a browser's Origin
+    ({"CORS_ORIGIN": "https://a.example/app"}, "CORS_ORIGIN"),
+    ({"CORS_ORIGIN": "https://a.example, ftp://b.example"}, "CORS_ORIGIN"),
+    ({"CORS_ORIGIN": "https://a.example:99999"}, "CORS_ORIGIN"),
     ({"DROID_ENV": "staging"}, "DROID_ENV"),
     ({"DROID_ENV": "production"}, "MONGODB_URI"),
     ({"DROID_ENV": "production", "MONGODB_URI": "mongodb://h/db"}, "JWT_SECRET"),
