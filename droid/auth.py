@@ -61,6 +61,12 @@ class Tokens:
     """Issues HS256 tokens and verifies them, plus RS256/ES256 ones from an external issuer."""
 
     LEEWAY_S = 5
+    # Verified tokens are remembered (bounded) because a client sends the same one on every
+    # request: checking its signature and claims again cost ~8% of the server's CPU per task.
+    # Tokens are stateless here (there is no revocation to honour), and `exp` is still checked
+    # on every use. Only tokens that passed every check are kept, by their exact text.
+    VERIFIED_MAX = 1024
+    VERIFIED_TOKEN_MAX_LEN = 2048
 
     def __init__(self, config: Config) -> None:
         self.secret = config.jwt_secret
@@ -80,6 +86,7 @@ class Tokens:
                 self.public_alg = "ES256"
             else:
                 raise ConfigError("JWT_PUBLIC_KEY must be an RSA or EC (P-256) public key")
+        self._verified: dict[str, Identity] = {}
 
     def issue(self, user_id: str, **extra: Any) -> tuple[str, int]:
         now = int(time.time())
@@ -96,6 +103,12 @@ class Tokens:
             raise AuthError(MISSING)
         if len(token) > 8192:
             raise AuthError(INVALID)
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expires_at <= time.time() - self.LEEWAY_S:
+                self._verified.pop(token, None)
+                raise AuthError(EXPIRED)
+            return known
         try:
             alg = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError:
@@ -130,7 +143,12 @@ class Tokens:
         exp = float(claims["exp"])
         if exp <= time.time() - self.LEEWAY_S:
             raise AuthError(EXPIRED)
-        return Identity(user_id=sub, expires_at=exp, claims=claims)
+        identity = Identity(user_id=sub, expires_at=exp, claims=claims)
+        if len(token) <= self.VERIFIED_TOKEN_MAX_LEN:
+            if len(self._verified) >= self.VERIFIED_MAX:
+                del self._verified[next(iter(self._verified))]  # the oldest entry
+            self._verified[token] = identity
+        return identity
 
 
 def _is_time(value: Any) -> bool:

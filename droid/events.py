@@ -110,10 +110,8 @@ class EventsService:
         # would put them back in order anyway, but without having to wait for a gap).
         async with self.user_locks(user_id):
             now = utcnow()
-            seq = await self.store.next_seq(user_id)
-            envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": seq}
-            await self.store.insert_event({"userId": user_id, "seq": seq, "event": event,
-                                           "envelope": envelope, "createdAt": now})
+            envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": None}
+            await self.store.append_event(user_id, event, envelope, now)  # numbers it: seq
             await self._fan_out(user_id, event, envelope)
 
     async def _fan_out(self, user_id: str, event: str, envelope: dict) -> None:

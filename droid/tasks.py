@@ -14,7 +14,7 @@ from typing import Awaitable, Callable, Protocol
 
 from .errors import Conflict, Invalid, NotFound
 from .store import PRIORITY_RANK, Store
-from .util import dumps, iso, loads, new_id, utcnow
+from .util import dumps, iso, loads, new_id, now_iso, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class TaskService:
     async def progress(self, doc: dict, delta: str) -> None:
         """Publish a piece of a running attempt's answer (live only, not a change of state)."""
         data = {"taskId": doc["_id"], "userId": doc["userId"], "agentId": doc["agentId"],
-                "delta": delta, "updatedAt": iso(utcnow())}
+                "delta": delta, "updatedAt": now_iso()}
         try:
             await self.publisher.publish(doc["userId"], "task.progress", data, durable=False)
         except Exception:  # a lost piece of progress must not fail the attempt

@@ -11,10 +11,14 @@ import orjson
 _UTC = dt.timezone.utc
 
 
+_EPOCH = dt.datetime(1970, 1, 1)
+
+
 def utcnow() -> dt.datetime:
     """Now, as a naive UTC datetime truncated to milliseconds (what BSON stores)."""
-    now = dt.datetime.now(_UTC).replace(tzinfo=None)
-    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
+    # From the epoch in whole milliseconds: a third of the cost of now() and two replace()s,
+    # and it is called several times per task.
+    return _EPOCH + dt.timedelta(milliseconds=time.time_ns() // 1_000_000)
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -23,7 +27,8 @@ def iso(value: dt.datetime | None) -> str | None:
         return None
     if value.tzinfo is not None:
         value = value.astimezone(_UTC).replace(tzinfo=None)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    # isoformat (not strftime: a quarter of the cost, and a 4-digit year before 1000 too)
+    return value.isoformat(timespec="milliseconds") + "Z"
 
 
 _second = [-1, ""]  # the last whole second formatted by now_iso, and its text

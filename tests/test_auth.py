@@ -1,4 +1,5 @@
 """Register, login, me, and the verification of every kind of token."""
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -10,7 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from conftest import ISO_RE, TEST_SECRET, Api, Listener
+from conftest import ISO_RE, TEST_SECRET, Api, Listener, make_config
+from droid.auth import AuthError, Tokens
 
 pytestmark = pytest.mark.asyncio
 
@@ -177,3 +179,44 @@ def _sign(claims: dict) -> str:
     body = b64(json.dumps(claims).encode())
     sig = hmac.new(TEST_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{b64(sig)}"
+
+
+# verified tokens are remembered (issue 12's throughput) ------------------------------------------
+
+async def test_a_remembered_token_still_expires_on_time(api):
+    """A token is checked in full once, then remembered: its `exp` still holds on every use."""
+    user = await api.register()
+    now = int(time.time())
+    # Within the 5 s leeway for about 2 s more, then expired.
+    token = _token({"sub": user["id"], "iat": now - 60, "exp": now - Tokens.LEEWAY_S + 2})
+    first = await _me(api, token)
+    assert first.status == 200 and first.body["id"] == user["id"]
+    assert (await _me(api, token)).status == 200  # the remembered identity
+    deadline = time.monotonic() + 10
+    while True:
+        reply = await _me(api, token)
+        if reply.status != 200 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert reply.status == 401 and reply.body["message"] == "Token expired", reply.body
+    # ... and a token is remembered by its exact text: another signature is checked again.
+    head, body, _ = user["token"].split(".")
+    forged = f"{head}.{body}.{_token({'sub': user['id'], 'exp': now + 60}, key='k' * 40)[-43:]}"
+    assert (await _me(api, user["token"])).status == 200
+    assert (await _me(api, forged)).body["message"] == "Invalid token"
+
+
+async def test_verified_tokens_are_checked_once_and_the_memory_is_bounded(monkeypatch):
+    tokens = Tokens(make_config())
+    calls = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    token, _ = tokens.issue("user-1")
+    assert tokens.verify(token).user_id == tokens.verify(token).user_id == "user-1"
+    assert len(calls) == 1
+    for n in range(Tokens.VERIFIED_MAX + 10):
+        tokens.verify(tokens.issue(f"user-{n}", n=n)[0])
+    assert len(tokens._verified) == Tokens.VERIFIED_MAX
+    with pytest.raises(AuthError):
+        tokens.verify(token[:-2] + ("AA" if token[-2:] != "AA" else "BB"))
+    assert len(tokens._verified) == Tokens.VERIFIED_MAX

@@ -692,6 +692,41 @@ async def test_insert_event_keeps_user_and_seq_unique(store: Store) -> None:
     assert [event_fields(d) for d in await store.events_after(alice, 0, 10)] == [first]
 
 
+async def test_append_event_numbers_and_stores_in_one_call(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    assert await store.next_seq(alice) == 1  # append_event shares next_seq's counter
+    stored = []
+    for n in range(3):
+        doc = event_doc(alice, 0)
+        envelope = {**doc["envelope"], "seq": None}
+        assert await store.append_event(alice, "task.created", envelope, doc["createdAt"]) \
+            == n + 2
+        assert envelope["seq"] == n + 2
+        stored.append({**doc, "seq": n + 2, "envelope": envelope})
+    assert await store.append_event(bob, "task.failed", {"seq": None}, utcnow()) == 1
+    assert await store.last_seq(alice) == 4
+    assert await store.next_seq(alice) == 5
+    assert [event_fields(d) for d in await store.events_after(alice, 0, 10)] == stored
+    assert [(d["event"], d["envelope"]) for d in await store.events_after(bob, 0, 10)] == \
+        [("task.failed", {"seq": 1})]
+
+
+async def test_append_event_has_no_gap_or_repeat_under_concurrent_publishers(
+        backend: Backend) -> None:
+    stores = await backend.peers(3)
+    alice = new_id()
+    n = 60 * backend.scale
+    envelopes = [{"event": "task.created", "data": {"i": i}, "seq": None} for i in range(n)]
+    seqs = await asyncio.gather(*(stores[i % 3].append_event(alice, "task.created", env,
+                                                             utcnow())
+                                  for i, env in enumerate(envelopes)))
+    assert sorted(seqs) == list(range(1, n + 1))
+    assert [env["seq"] for env in envelopes] == list(seqs)
+    got = await stores[1].events_after(alice, 0, n + 1)
+    assert [d["seq"] for d in got] == list(range(1, n + 1))
+    assert all(d["envelope"] == envelopes[d["envelope"]["data"]["i"]] for d in got)
+
+
 async def test_oldest_seq_and_delete_events(store: Store) -> None:
     alice, bob = new_id(), new_id()
     assert await store.oldest_seq(alice) is None
