@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import Api
-from test_processes import spawn, task_envelopes  # noqa: F401 - spawn is a fixture
+from droid_process import spawn, task_envelopes  # noqa: F401 - spawn is a fixture
 
 pytestmark = pytest.mark.asyncio
 
