@@ -87,6 +87,7 @@ class EventsService:
             self.delivery.on_shed = lambda sid: metrics.sockets_shed.inc()
         self.user_locks = KeyedLocks()
         self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._emitted: dict[str, Any] = {}  # events_emitted's child counter by event name
 
     def watch(self, user_id: str) -> asyncio.Event:
         """An event set whenever an envelope of the user is published (SSE streams)."""
@@ -123,7 +124,10 @@ class EventsService:
             # between two publishes even when the store answers without waiting either.
             await asyncio.sleep(0)
         if self.metrics is not None:
-            self.metrics.events_emitted.labels(event=event).inc()
+            counter = self._emitted.get(event)
+            if counter is None:  # labels() takes a lock and builds a key: once per event name
+                counter = self._emitted[event] = self.metrics.events_emitted.labels(event=event)
+            counter.inc()
 
     def receive(self, user_id: str, event: str, envelope: dict) -> None:
         """An envelope published here or, through the relay, by another process."""

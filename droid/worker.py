@@ -127,8 +127,9 @@ class Worker:
             if self._stopping:
                 break
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.poll_s):  # no task per wait, as wait_for makes
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     def _spawn(self, doc: dict) -> None:
@@ -161,7 +162,7 @@ class Worker:
     async def _attempt(self, doc: dict) -> None:
         started = time.monotonic()
         outcome = "error"
-        guard = asyncio.get_running_loop().create_task(self._guard(doc, asyncio.current_task()))
+        guard = _Guard(self.cancel_check_s, self._guard, doc, asyncio.current_task(), started)
         try:
             outcome = await self._run(doc, started, guard)
         except asyncio.CancelledError:
@@ -183,7 +184,7 @@ class Worker:
                 self.metrics.attempts.labels(outcome=outcome).observe(time.monotonic() - started)
             self.wake()
 
-    async def _run(self, doc: dict, started: float, guard: asyncio.Task) -> str:
+    async def _run(self, doc: dict, started: float, guard: _Guard) -> str:
         """Run the agent and record the attempt's end; returns the outcome (for metrics)."""
         agent = await self.agents.for_task(doc["agentId"])
         # The default agent runs on the provider's own model (LLM_MODEL); its `model` field is
@@ -194,11 +195,12 @@ class Worker:
             await self.tasks.progress(doc, delta)
 
         try:
-            result = await asyncio.wait_for(
-                self.provider.run(model=model, system_prompt=agent.get("systemPrompt") or "",
-                                  prompt=doc["prompt"], on_delta=on_delta),
-                self.timeout_s)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: no task of its own per attempt
+            async with asyncio.timeout(self.timeout_s):
+                result = await self.provider.run(
+                    model=model, system_prompt=agent.get("systemPrompt") or "",
+                    prompt=doc["prompt"], on_delta=on_delta)
+        except TimeoutError:
             outcome, end = "timeout", self.tasks.fail_attempt(
                 doc, f"The attempt timed out after {self.timeout_s:g} s (TASK_TIMEOUT_S)",
                 execution_time_ms=_ms(started))
@@ -224,11 +226,13 @@ class Worker:
             log.exception("task %s: recording the end of attempt %s failed; its lease will "
                           "run out and the task will be retried", doc["_id"], doc["attempt"])
 
-    async def _guard(self, doc: dict, attempt: asyncio.Task | None) -> None:
-        """Renew the lease; stop the attempt when it is no longer current (cancelled elsewhere)."""
-        last_renew = time.monotonic()
+    async def _guard(self, doc: dict, attempt: asyncio.Task | None, started: float) -> None:
+        """Renew the lease; stop the attempt when it is no longer current (cancelled elsewhere).
+
+        Started by _Guard `cancel_check_s` after the attempt (`started`): it checks at once, then
+        every `cancel_check_s`."""
+        last_renew = started
         while True:
-            await asyncio.sleep(self.cancel_check_s)
             try:
                 if time.monotonic() - last_renew >= self.renew_every_s:
                     current = await self.tasks.renew(doc, self.owner, self.lease_s)
@@ -238,13 +242,38 @@ class Worker:
                     current = state == ("processing", doc["attempt"])
             except Exception:
                 log.warning("task %s: lease check failed", doc["_id"], exc_info=True)
-                continue
+                current = True  # not known otherwise: look again after the pause
             if not current:
                 log.info("task %s: attempt %s is no longer current; stopping it", doc["_id"],
                          doc["attempt"])
                 if attempt is not None:
                     attempt.cancel()
                 return
+            await asyncio.sleep(self.cancel_check_s)
+
+
+class _Guard:
+    """An attempt's guard (Worker._guard), as a timer until the attempt has run `delay_s`: most
+    attempts of a fast agent end before that, and a timer costs a fraction of a task that
+    would start, sleep and be cancelled."""
+
+    __slots__ = ("_handle", "_task")
+
+    def __init__(self, delay_s: float, guard: Any, *args: Any) -> None:
+        self._task: asyncio.Task | None = None
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            delay_s, self._start, guard, args)
+
+    def _start(self, guard: Any, args: tuple) -> None:
+        self._handle = None
+        self._task = asyncio.get_running_loop().create_task(guard(*args))
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _ms(started: float) -> int:

@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import pathlib
 import sys
+import threading
 import uuid
 from typing import AsyncIterator
 
@@ -160,6 +161,34 @@ async def test_a_mongo_store_that_cannot_open_is_left_closed() -> None:
         await store.open()
     assert store.client is None  # not half open: no client left behind
     await store.close()
+
+
+async def test_the_sqlite_store_thread_runs_calls_in_order_and_skips_cancelled_ones(
+        tmp_path) -> None:
+    """The hop to the store's thread (droid.store.sqlite._StoreThread) keeps what the executor
+    it replaced gave: one call at a time, in order; a call cancelled before it started never
+    runs; a call's exception reaches its caller; closing ends the thread."""
+    store = SqliteStore(str(tmp_path / "droid.sqlite3"))
+    await store.open()
+    thread = store._thread._thread
+    ran: list[str] = []
+    gate = threading.Event()
+    first = asyncio.ensure_future(store._run(lambda: gate.wait(10) and ran.append("first")))
+    cancelled = asyncio.ensure_future(store._run(ran.append, "cancelled"))
+    third = asyncio.ensure_future(store._run(ran.append, "third"))
+    await asyncio.sleep(0)  # one step each: all three calls are queued behind the gate
+    cancelled.cancel()
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, third), 10)
+    assert ran == ["first", "third"] and cancelled.cancelled()
+    with pytest.raises(ZeroDivisionError):
+        await store._run(lambda: 1 / 0)
+    assert await store.ping() is True
+    await store.close()
+    await asyncio.wait_for(asyncio.to_thread(thread.join, 10), 11)
+    assert not thread.is_alive()
+    with pytest.raises(RuntimeError):
+        await store._run(ran.append, "closed")
 
 
 async def test_a_new_store_object_sees_the_data_except_in_memory(backend: Backend) -> None:
