@@ -42,6 +42,7 @@ _REDACTED = "[redacted]"
 _MIN_SCRUB_LEN = 4
 _BEARER_RE = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;}]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+_WORD_RE = re.compile(r"\S+\s*|\s+")
 
 
 class AgentError(Exception):
@@ -80,10 +81,11 @@ def estimate_tokens(prompt: str, response: str) -> int:
 
 def _split_pieces(text: str, pieces: int) -> list[str]:
     """Split `text` at word boundaries into at most `pieces` non-empty parts that join to it."""
-    words = re.findall(r"\S+\s*|\s+", text)
-    n = max(1, min(pieces, len(words)))
-    return [p for p in ("".join(words[i * len(words) // n:(i + 1) * len(words) // n])
-                        for i in range(n)) if p]
+    words = _WORD_RE.findall(text)
+    count = len(words)
+    n = max(1, min(pieces, count))
+    cuts = [i * count // n for i in range(n + 1)]
+    return [piece for piece in ("".join(words[cuts[i]:cuts[i + 1]]) for i in range(n)) if piece]
 
 
 def _printable(text: str) -> str:
