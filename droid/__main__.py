@@ -61,10 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# The accept queue's length (the kernel caps it at net.core.somaxconn). Tornado's default is
+# 128; Node listens with 511. When thousands of clients connect or reconnect at once, a full
+# queue drops their handshakes and each waits a second or more for its SYN to be retried.
+LISTEN_BACKLOG = 511
+
+
 def listen(config) -> list:
     """Bind HOST:PORT before anything else starts; ConfigError names the address."""
     try:
-        return tornado.netutil.bind_sockets(config.port, config.host)
+        return tornado.netutil.bind_sockets(config.port, config.host, backlog=LISTEN_BACKLOG)
     except OSError as exc:
         host = f"[{config.host}]" if ":" in config.host else config.host
         reason = (exc.strerror or str(exc)).lower()

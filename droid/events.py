@@ -285,9 +285,13 @@ class EventsGateway:
         self._schedule_expiry(sid, state)
         gateway_log.info("client %s connected from %s (user %s)", sid, _peer(environ), user_id)
         # The CONNECT answer goes out once this handler returns: welcome the client after it,
-        # so that `connected` follows the client's own `connect`.
+        # so that `connected` follows the client's own `connect` (GuardedServer runs it right
+        # after the answer, in the same turn of the loop; another server, in a task).
         last_seq = _last_seq(auth.get("lastSeq")) if isinstance(auth, dict) else None
-        self._spawn(self._welcome(sid, state, last_seq))
+        welcome = self._welcome(sid, state, last_seq)
+        after_connect = getattr(self.sio, "after_connect", None)
+        if after_connect is None or not after_connect(welcome):
+            self._spawn(welcome)
 
     async def _welcome(self, sid: str, state: SocketState, last_seq: int | None) -> None:
         try:

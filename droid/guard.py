@@ -23,15 +23,19 @@ background task. Droid has no binary events and needs nothing but the four clien
   dispatch into a disconnect, and ends an Engine.IO session that has not joined /events within
   `connect_timeout_s` (45 s, socket.io's connectTimeout). It overrides private methods of
   python-socketio: setup.cfg pins python-socketio below 6. Being Droid's one AsyncServer
-  subclass, it is also where python-engineio is given its server class: `transport.TransportServer` (Droid's WebSocket transport, which
-  applies `transport.frame_refusal` to every frame itself) when `transport=True`, else
+  subclass, it is also where python-engineio is given its server class:
+  `transport.TransportServer` (Droid's WebSocket transport, which applies
+  `transport.frame_refusal` to every frame itself) when `transport=True`, else
   `delivery.EngineServer` (python-engineio's own WebSocket loop, lean per-socket queues).
+  `after_connect` lets a connect handler have work run right after its CONNECT answer is
+  written (the gateway's `connected`), in the same turn of the loop rather than in a task.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 import socketio
 import tornado.web
@@ -41,12 +45,15 @@ from .delivery import EngineServer
 from .errors import Invalid
 from .events import NAMESPACE
 from .handlers.base import BoundedBody
-from .transport import TransportServer, frame_refusal
+from .transport import TransportServer, frame_refusal, spawn_logged
 from .util import dumps
 
 log = logging.getLogger("droid.guard")
 
 _CLIENT_PACKETS = frozenset("0123")  # CONNECT, DISCONNECT, EVENT, ACK
+# What the connect handler running in this context asked to run once its CONNECT answer is out.
+_after_connect: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "droid_after_connect", default=None)
 
 
 def refusal(data: Any) -> str | None:
@@ -200,6 +207,36 @@ class GuardedServer(socketio.AsyncServer):
 
     def _engineio_server_class(self) -> type:
         return TransportServer if self._droid_transport else EngineServer
+
+    def after_connect(self, coro: Coroutine) -> bool:
+        """From a connect handler: run `coro` as soon as python-socketio has written this
+        connection's CONNECT answer, in the same turn of the event loop (a task would start
+        only on the next turn, which in a connection storm is milliseconds later, while the
+        client waits). It runs up to its first real wait at once, the rest in a task; failures
+        are logged. False, and `coro` left alone, when not called from a connect handler. If
+        the connection is refused after all, `coro` is closed without running."""
+        pending = _after_connect.get()
+        if pending is None:
+            return False
+        pending.append(coro)
+        return True
+
+    async def _handle_connect(self, eio_sid: str, namespace: str | None, data: Any) -> None:
+        pending: list = []
+        token = _after_connect.set(pending)
+        try:
+            await super()._handle_connect(eio_sid, namespace, data)
+        finally:
+            _after_connect.reset(token)
+            if pending:
+                namespace = namespace or "/"
+                sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+                accepted = sid is not None and self.manager.is_connected(sid, namespace)
+                for coro in pending:
+                    if accepted:
+                        spawn_logged(coro, "after connecting")
+                    else:
+                        coro.close()
 
     async def _handle_eio_connect(self, eio_sid: str, environ: dict) -> Any:
         result = await super()._handle_eio_connect(eio_sid, environ)

@@ -125,7 +125,7 @@ class _Resumed(collections.abc.Coroutine):
         return self
 
 
-def _spawn_logged(coro: Any, what: str) -> None:
+def spawn_logged(coro: Any, what: str) -> None:
     """run_eager for work nobody waits for: failures are logged, never lost."""
     try:
         task = run_eager(coro)
@@ -375,7 +375,7 @@ class Transport:
         if was in (PROBING, UPGRADING):
             sock.upgrading = False
             return
-        _spawn_logged(server.end_session(sock, server.reason.TRANSPORT_CLOSE), "closing a session")
+        spawn_logged(server.end_session(sock, server.reason.TRANSPORT_CLOSE), "closing a session")
 
     def _peer(self) -> str:
         handler = self.handler
@@ -467,7 +467,7 @@ class PingWheel:
             return
         if stamp is None:  # time to ping
             sock.last_ping = stamp = time.time()
-            _spawn_logged(sock.send(eio_packet.Packet(eio_packet.PING)), "a ping")
+            spawn_logged(sock.send(eio_packet.Packet(eio_packet.PING)), "a ping")
             self._add(asyncio.get_running_loop().time() + server.ping_timeout,
                       (weakref.ref(sock), stamp))
         elif sock.last_ping == stamp:
@@ -475,7 +475,7 @@ class PingWheel:
                      server.ping_timeout)
             if transport is not None:
                 transport.abort()  # half-open or stalled: no close handshake to wait for
-            _spawn_logged(server.end_session(sock, server.reason.PING_TIMEOUT), "a ping timeout")
+            spawn_logged(server.end_session(sock, server.reason.PING_TIMEOUT), "a ping timeout")
 
 
 # the engine server -----------------------------------------------------------------------------
@@ -688,5 +688,5 @@ def tornado_handler(eio: TransportServer, *, compression: bool) -> type:
     return SocketIOHandler
 
 
-__all__ = ["Transport", "TransportServer", "PingWheel", "run_eager", "frame_refusal",
-           "tornado_handler", "ws_frame", "MAX_BUFFERED_BYTES"]
+__all__ = ["Transport", "TransportServer", "PingWheel", "run_eager", "spawn_logged",
+           "frame_refusal", "tornado_handler", "ws_frame", "MAX_BUFFERED_BYTES"]
