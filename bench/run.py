@@ -408,6 +408,11 @@ ROWS = [
     ("latency_max_ms", "latency max at {rate} events/s", "ms", "lower", None),
     ("connect_small_s", "connect {small} sockets", "s", "lower", 1.0),
     ("connect_large_s", "connect {large} sockets", "s", "lower", 1.0),
+    ("connect_large_server_ms", "connect {large}: server CPU per socket", "ms", "lower", None),
+    ("connect_large_loadgen_ms", "connect {large}: load generator CPU per socket", "ms", None,
+     None),
+    ("connect_large_server_cpu", "connect {large}: server CPU (of one core)", "%", None, None),
+    ("connect_large_loadgen_cpu", "connect {large}: load generator CPU", "%", None, None),
     ("rss_per_socket_large_kb", "server memory per idle socket ({large} sockets)", "KB", "lower", 1.0),
     ("idle_rss_mb", "server memory at start", "MB", "lower", None),
     ("churn_retained_kb", "memory kept after {cycles} churn cycles of {csockets}", "KB", "lower", None),
@@ -456,7 +461,12 @@ def flatten(session: str, res: dict[str, dict], out: dict) -> None:
                    latency_gc_max_ms=lat["gc"]["maxMs"])
     if "connect-large" in res:
         c = res["connect-large"]
-        out.update(connect_large_s=c["connectS"], rss_per_socket_large_kb=c["rssPerSocketKb"])
+        out.update(connect_large_s=c["connectS"], rss_per_socket_large_kb=c["rssPerSocketKb"],
+                   # both sides' CPU while connecting: which of the two set the pace
+                   connect_large_server_cpu=c["serverCpuPct"],
+                   connect_large_loadgen_cpu=c["loadgenCpuPct"],
+                   connect_large_server_ms=c["serverCpuPct"] * c["wallS"] * 10 / c["sockets"],
+                   connect_large_loadgen_ms=c["loadgenCpuPct"] * c["wallS"] * 10 / c["sockets"])
     if "churn" in res:
         c = res["churn"]
         out.update(churn_retained_kb=c["retainedKb"], churn_retained_gc_kb=c["retainedAfterGcKb"],
