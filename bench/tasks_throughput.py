@@ -95,48 +95,8 @@ def serve() -> None:
         app._lag_probe = asyncio.get_running_loop().create_task(probe())  # kept alive
         return app
 
-    if os.environ.get("BENCH_ONE_HOP_EVENTS"):
-        one_hop_events()
     droid_app.make_app = make_app
     droid_main.main()
-
-
-def one_hop_events() -> None:
-    """Experiment (--one-hop-events), not Droid's code: number and store an envelope in one
-    SQLite transaction, i.e. one thread hop instead of two (next_seq, then insert_event)."""
-    from droid.events import EventsService
-    from droid.store.sqlite import to_ms
-    from droid.util import dumps, iso, utcnow
-
-    async def publish(self: Any, user_id: str, event: str, data: dict, *,
-                      durable: bool = True) -> None:
-        if not durable:
-            return await real_publish(self, user_id, event, data, durable=False)
-        async with self.user_locks(user_id):
-            now = utcnow()
-
-            def append() -> dict:
-                conn = self.store._conn
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    seq = conn.execute(
-                        "INSERT INTO counters (userId, value) VALUES (?, 1) ON CONFLICT (userId) "
-                        "DO UPDATE SET value = value + 1 RETURNING value", (user_id,)).fetchone()[0]
-                    envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": seq}
-                    conn.execute("INSERT INTO events (userId, seq, event, envelope, createdAt) "
-                                 "VALUES (?, ?, ?, ?, ?)",
-                                 (user_id, seq, event, dumps(envelope).decode(), to_ms(now)))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                return envelope
-
-            envelope = await self.store._run(append)
-            await self._fan_out(user_id, event, envelope)
-
-    real_publish = EventsService.publish
-    EventsService.publish = publish
 
 
 class StoreHops:
@@ -439,8 +399,6 @@ async def run_size(args: argparse.Namespace, stored: int, workdir: Path,
     port = free_port()
     env.update(HOST="127.0.0.1", PORT=str(port), JWT_SECRET=SECRET, DROID_DEMO_DELAY_S="0",
                LOG_LEVEL="WARNING", PYTHONPATH=str(args.src))
-    if args.one_hop_events:
-        env["BENCH_ONE_HOP_EVENTS"] = "1"
     if args.worker_concurrency is not None:
         env["WORKER_CONCURRENCY"] = str(args.worker_concurrency)
     data = workdir / f"data-{stored}"
@@ -564,9 +522,6 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=30.0, metavar="S",
                         help="before each size, wait up to S s for other processes to leave "
                              "the CPUs nearly idle (default 30; 0: do not wait)")
-    parser.add_argument("--one-hop-events", action="store_true",
-                        help="experiment (SQLite): the server numbers and stores each envelope "
-                             "in one store call instead of two (see one_hop_events)")
     parser.add_argument("--no-pin", action="store_true",
                         help="let the server and the load run on any core (default: server on "
                              "CPU 0, load on CPU 1)")
