@@ -740,6 +740,22 @@ async def test_append_event_numbers_and_stores_in_one_call(store: Store) -> None
         [("task.failed", {"seq": 1})]
 
 
+async def test_sqlite_append_event_numbers_nothing_it_does_not_store(tmp_path) -> None:
+    """One transaction: an envelope that cannot be stored leaves its number unused (no seq
+    numbered but never stored, which a resume would have to wait out as a gap)."""
+    store = SqliteStore(str(tmp_path / "droid.sqlite3"))
+    await store.open()
+    try:
+        alice = new_id()
+        await store.insert_event(event_doc(alice, 1))  # seq 1 taken, the counter still at 0
+        with pytest.raises(Conflict):
+            await store.append_event(alice, "task.created", {"seq": None}, utcnow())
+        assert await store.last_seq(alice) == 0
+        assert await store.append_event(new_id(), "task.created", {"seq": None}, utcnow()) == 1
+    finally:
+        await store.close()
+
+
 async def test_append_event_has_no_gap_or_repeat_under_concurrent_publishers(
         backend: Backend) -> None:
     stores = await backend.peers(3)
