@@ -149,20 +149,23 @@ class _StoreThread:
             item = self._calls.get()
             if item is None:
                 return
-            loop, answer, fn, args = item
-            if answer.cancelled():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # as the executor does: the caller gets it
-                reply, value = _fail, exc
-            else:
-                reply, value = _succeed, result
-            try:
-                loop.call_soon_threadsafe(reply, answer, value)
-            except RuntimeError:  # the loop is closed: nobody waits for the answer any more
-                pass
-            del item, answer, args, value  # hold nothing of a call while waiting for the next
+            self._answer(*item)
+            del item  # hold nothing of a call while waiting for the next
+
+    @staticmethod
+    def _answer(loop: asyncio.AbstractEventLoop, answer: asyncio.Future, fn: Callable[..., T],
+                args: tuple) -> None:
+        if answer.cancelled():
+            return
+        try:
+            value: Any = fn(*args)
+            reply = _succeed
+        except BaseException as exc:  # as the executor does: the caller gets it
+            value, reply = exc, _fail
+        try:
+            loop.call_soon_threadsafe(reply, answer, value)
+        except RuntimeError:  # the loop is closed: nobody waits for the answer any more
+            pass
 
 
 def _succeed(answer: asyncio.Future, result: Any) -> None:
