@@ -191,6 +191,12 @@ class Delivery:
         waited = 0.0
         while True:
             last = await self.store.last_seq(user_id)
+            if last_seq is None and box.held:
+                # Only what is published from now on, and whatever reached this socket while
+                # the store was read is that, even when the read already counted it (numbered
+                # between the read's start and its answer): start there, not after it.
+                box.next_seq = min(last + 1, min(box.held))
+                return None
             if last_seq is None or last_seq >= last:
                 box.next_seq = last + 1
                 return None

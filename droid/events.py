@@ -22,6 +22,7 @@ import socketio
 from .auth import AuthError, Tokens, bearer
 from .delivery import MAX_BACKLOG_BYTES, Delivery
 from .store import Store
+from .transport import run_eager
 from .util import iso, now_iso, utcnow
 
 NAMESPACE = "/events"
@@ -300,14 +301,23 @@ class EventsGateway:
                 return  # gone already
             self.events.delivery.add(sid, user_id)
             await self.sio.enter_room(sid, presence_room(user_id), namespace=NAMESPACE)
+            attaching = None
             if last_seq is None:
-                await self._attach(sid, state, None)  # in the room before `connected`
+                # Subscribed before `connected` (Delivery.attach holds what is published from
+                # now on until its store read says where the user's envelopes stand), but
+                # `connected` does not wait for that read: in a connection storm the answer
+                # of a store call comes back turns of the loop later.
+                attaching = run_eager(self._attach(sid, state, None))
             self.events.delivery.send(sid, "connected", {
                 "clientId": sid, "userId": user_id, "timestamp": now_iso(),
                 "message": CONNECTED_MESSAGE})
-            if last_seq is not None:
-                await self._attach(sid, state, last_seq)
-            await self._send_count(user_id)
+            try:
+                if last_seq is not None:
+                    await self._attach(sid, state, last_seq)
+                await self._send_count(user_id)
+            finally:
+                if attaching is not None:
+                    await attaching
         except Exception:
             gateway_log.exception("welcoming %s failed", sid)
 

@@ -74,6 +74,36 @@ async def test_the_welcome_starts_in_the_turn_of_the_connect_answer(droid, monke
     assert all(welcomed[sid] == answered[sid] for sid in answered), (answered, welcomed)
 
 
+async def test_connected_does_not_wait_for_the_store_and_nothing_after_it_is_lost(droid,
+                                                                                 monkeypatch):
+    """`connected` is written while the socket's store read (where its user's envelopes stand)
+    is still out, and an envelope published after `connected` reaches the socket even when that
+    read, answering late, has already counted it."""
+    store = droid.gateway.events.delivery.store
+    real_last_seq = store.last_seq
+    gate = asyncio.Event()
+    reading = asyncio.Event()
+
+    async def slow_last_seq(user_id: str) -> int:
+        reading.set()
+        await gate.wait()  # answers after the publish below, so it counts that envelope
+        return await real_last_seq(user_id)
+
+    monkeypatch.setattr(store, "last_seq", slow_last_seq)
+    raw = await RawSocket(droid.url).open({"token": mint("slow-store")})
+    try:
+        await raw.wait_for(lambda: raw.of("connected"))
+        assert reading.is_set() and not gate.is_set()
+        await droid.gateway.events.publish("slow-store", "task.cancelled", {"taskId": "t-1"})
+        gate.set()
+        await raw.wait_for(lambda: raw.of("task.event"))
+        assert [e["data"]["taskId"] for e in raw.of("task.cancelled")] == ["t-1"]
+        assert raw.of("task.cancelled")[0]["seq"] == await real_last_seq("slow-store")
+    finally:
+        gate.set()
+        await raw.close()
+
+
 async def test_after_connect_runs_only_for_an_accepted_connection():
     """GuardedServer.after_connect: the coroutine runs once the CONNECT answer is out; on a
     connection refused after it was handed over, it is closed without running (no 'never
