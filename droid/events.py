@@ -336,7 +336,17 @@ class EventsGateway:
     async def _send_count(self, user_id: str) -> None:
         # Counted when sent, not when connected: with two sockets arriving at once, the last
         # count sent is the right one.
-        await self.sio.emit("connections.count", {"count": await self.presence.count(user_id)},
+        count = await self.presence.count(user_id)
+        if self.events.relay is None:
+            # One process holds every socket of the user: written straight to each (in order
+            # with the rest, and in this turn of the loop), where python-socketio's room emit
+            # starts a task per recipient, so the count would reach the client a turn after
+            # `connected`, in a segment of its own.
+            delivery = self.events.delivery
+            for sid in list(delivery.by_user.get(user_id, ())):
+                delivery.send(sid, "connections.count", {"count": count})
+            return
+        await self.sio.emit("connections.count", {"count": count},
                             room=presence_room(user_id), namespace=NAMESPACE)
 
     async def _attach(self, sid: str, state: SocketState, last_seq: int | None) -> None:

@@ -38,40 +38,41 @@ class Turns:
         self._handle.cancel()
 
 
-async def test_the_welcome_starts_in_the_turn_of_the_connect_answer(droid, monkeypatch):
-    """`connected` is prepared (the socket's outbox made, its store read started) in the same turn
-    of the loop as the CONNECT answer is written, not in a task that starts a turn later: in a
+async def test_connected_and_the_count_follow_the_connect_answer_in_its_turn(droid, monkeypatch):
+    """The CONNECT answer, `connected` and `connections.count` are written in one turn of the
+    event loop (the client reads them together), not a task and a store read later: in a
     connection storm a turn lasts milliseconds, and every client waits that much longer."""
     turns = Turns()
-    answered: dict[str, int] = {}
-    welcomed: dict[str, int] = {}
+    written: dict[str, dict[str, int]] = {}
     send_packet = droid_transport.Transport.send_packet
-    add = Delivery.add
+    send = Delivery.send
 
-    def spy_send(self, pkt):
+    def spy_send_packet(self, pkt):
         data = pkt.data
         if isinstance(data, str) and data.startswith("0/events,"):
-            answered[self.socket.sid] = turns.count
+            written.setdefault(self.socket.sid, {})["answer"] = turns.count
         return send_packet(self, pkt)
 
-    def spy_add(self, sid, user_id):
-        welcomed[self.sio.manager.eio_sid_from_sid(sid, self.namespace)] = turns.count
-        return add(self, sid, user_id)
+    def spy_send(self, sid, event, payload):
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, self.namespace)
+        written.setdefault(eio_sid, {}).setdefault(event, turns.count)
+        return send(self, sid, event, payload)
 
-    monkeypatch.setattr(droid_transport.Transport, "send_packet", spy_send)
-    monkeypatch.setattr(Delivery, "add", spy_add)
+    monkeypatch.setattr(droid_transport.Transport, "send_packet", spy_send_packet)
+    monkeypatch.setattr(Delivery, "send", spy_send)
     sockets = []
     try:
         for i in range(3):
             raw = await RawSocket(droid.url).open({"token": mint(f"turns-{i}")})
             sockets.append(raw)
-            await raw.wait_for(lambda: raw.of("connected"))
+            await raw.wait_for(lambda: raw.of("connected") and raw.of("connections.count"))
     finally:
         turns.stop()
         for raw in sockets:
             await raw.close()
-    assert len(answered) == 3 and answered.keys() == welcomed.keys()
-    assert all(welcomed[sid] == answered[sid] for sid in answered), (answered, welcomed)
+    assert len(written) == 3, written
+    for turn in written.values():
+        assert turn["answer"] == turn["connected"] == turn["connections.count"], written
 
 
 async def test_connected_does_not_wait_for_the_store_and_nothing_after_it_is_lost(droid,
