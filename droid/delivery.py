@@ -1,9 +1,9 @@
 """Delivery of task envelopes to this process's /events sockets: in order, exactly once, fast.
 
 The one place that goes under python-socketio. The gateway's own events (`connected`, `pong`,
-`resync`, ...) are written here too (`send`); `connections.count` (a room emit that python-socketio's
-Redis manager fans out) and python-socketio's own packets (CONNECT answers, acks, DISCONNECT) go
-through python-socketio.
+`resync`, ...) are written here too (`send`), and `connections.count` when one process holds every
+socket; with Redis that count (a room emit that python-socketio's Redis manager fans out) and
+python-socketio's own packets (CONNECT answers, acks, DISCONNECT) go through python-socketio.
 
 **Order and exactly-once.** Every subscribed socket has an Outbox holding the next `seq` its
 client expects. An envelope is written when it is that one; an older one (already sent by a
