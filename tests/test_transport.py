@@ -36,8 +36,13 @@ def eio_sid(droid, sid: str) -> str:
 def engineio_tasks() -> list[asyncio.Task]:
     """python-engineio's per-socket tasks: its WebSocket read loop, writer and ping task."""
     names = ("_websocket_handler", "writer", "_send_ping", "websocket_wait")
-    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.split(".")[-1] in names
-            or any(n in t.get_coro().__qualname__ for n in names)]
+    return [t for t in asyncio.all_tasks() if any(n in _qualname(t) for n in names)]
+
+
+def _qualname(task: asyncio.Task) -> str:
+    """What the task runs; through transport.run_eager's wrapper (`.coro`) to the coroutine."""
+    coro = task.get_coro()
+    return getattr(getattr(coro, "coro", coro), "__qualname__", type(coro).__qualname__)
 
 
 async def served_by_transport(droid, sid: str) -> Transport:
@@ -122,13 +127,14 @@ async def test_javascript_client_over_the_transport(droid, js, transports):  # n
 def server_tasks() -> list[asyncio.Task]:
     """Tasks running code of the server side (Tornado, python-engineio's server, Droid)."""
     def side(task: asyncio.Task) -> bool:
-        code = getattr(task.get_coro(), "cr_code", None)
+        coro = task.get_coro()
+        code = getattr(getattr(coro, "coro", coro), "cr_code", None)  # through run_eager's wrapper
         name = code.co_filename if code is not None else ""
         return any(part in name for part in ("/tornado/", "/engineio/async_server",
                                              "/engineio/async_socket", "/droid/"))
     # python-engineio's one _service_task (per server, started by the first connection) aside
     return [t for t in asyncio.all_tasks() if side(t)
-            and t.get_coro().__qualname__ != "AsyncServer._service_task"]
+            and _qualname(t) != "AsyncServer._service_task"]
 
 
 async def test_an_idle_socket_keeps_no_task_of_its_own(droid, listen):
