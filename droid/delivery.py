@@ -188,16 +188,16 @@ class Delivery:
 
     async def _replay(self, box: Outbox, last_seq: int | None) -> int | None:
         user_id = box.user_id
+        last = await self.store.last_seq(user_id)
+        if last_seq is None:
+            # Only what is published from now on, and whatever reached this socket while the
+            # store was read is that, even when the read already counted it (numbered between
+            # the read's start and its answer): start there, not after it.
+            box.next_seq = min(last + 1, min(box.held)) if box.held else last + 1
+            return None
         waited = 0.0
         while True:
-            last = await self.store.last_seq(user_id)
-            if last_seq is None and box.held:
-                # Only what is published from now on, and whatever reached this socket while
-                # the store was read is that, even when the read already counted it (numbered
-                # between the read's start and its answer): start there, not after it.
-                box.next_seq = min(last + 1, min(box.held))
-                return None
-            if last_seq is None or last_seq >= last:
+            if last_seq >= last:
                 box.next_seq = last + 1
                 return None
             oldest = await self.store.oldest_seq(user_id)
@@ -215,6 +215,7 @@ class Delivery:
             waited += self.gap_wait_s
             if self.outboxes.get(box.sid) is not box or not box.subscribed:
                 return None
+            last = await self.store.last_seq(user_id)
         box.next_seq = last_seq + 1
         while self.outboxes.get(box.sid) is box and box.subscribed:
             docs = await self.store.events_after(user_id, box.next_seq - 1, REPLAY_BATCH)
