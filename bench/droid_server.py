@@ -102,7 +102,7 @@ class EmitHandler(BenchHandler):
         start = int(params.get("start", 0))
         rate = float(params.get("rate", 0) or 0)
         event = str(params.get("event", "task.processing"))
-        publish = self.droid.gateway.events.publish
+        publish = self.droid.events.publish
         t0 = _mono_ms()
         max_lag = 0.0
         interval = 1000.0 / rate if rate else 0.0
@@ -218,8 +218,6 @@ def _owner(traceback: Any) -> str:
 def main() -> None:
     if os.environ.get("BENCH_TRACEMALLOC"):
         tracemalloc.start(12)
-    if os.environ.get("BENCH_WS_TRANSPORT") == "engineio":  # A/B: python-engineio's own loop
-        droid_app.WS_TRANSPORT = False
     real_make_app = droid_app.make_app
 
     async def make_app(*args: Any, **kwargs: Any) -> Any:

@@ -8,36 +8,33 @@ import re
 import socket
 from typing import Any
 
-import socketio
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 from tornado.log import access_log
 
 from . import __version__, logsafe
-from .agents import AgentService
 from .auth import Passwords, Tokens
 from .config import Config
-from .cors import Origins, refuse_origins
-from .delivery import Delivery, websocket_handler
-from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence
-from .front import Front, server_options
-from .guard import GuardedServer, guard_frames, guard_polling
-from .handlers.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler,
-                           RegisterHandler, TaskHandler, TasksHandler)
-from .handlers.base import NotFoundHandler
-from .handlers.events import EventsHandler, EventStreamHandler
-from .handlers.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler,
-                              StaticHandler)
-from .llm import make_provider
+from .http.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler, RegisterHandler,
+                       TaskHandler, TasksHandler)
+from .http.base import NotFoundHandler
+from .http.eventlog import EventsHandler, EventStreamHandler
+from .http.front import Front, server_options
+from .http.openapi import build_openapi
+from .http.ratelimit import AuthLimits
+from .http.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler,
+                          StaticHandler)
 from .metrics import Metrics
-from .openapi import build_openapi
-from .ratelimit import AuthLimits
+from .realtime.endpoint import MAX_PACKET, Realtime
+from .realtime.wire import NAMESPACE
 from .store import Store, store_from_config
-from .tasks import TaskService
-from .transport import TransportServer, tornado_handler
-from .util import OrjsonModule
-from .worker import Worker
+from .tasks.agents import AgentService
+from .tasks.llm import make_provider
+from .tasks.publisher import EventsService
+from .tasks.service import TaskService
+from .tasks.worker import Worker
+from .web import Origins
 
 log = logging.getLogger(__name__)
 
@@ -67,56 +64,22 @@ def static_path() -> str:
     raise RuntimeError(f"the demo page is missing: no static/index.html in or beside {package}")
 
 
-MAX_PACKET = 64 * 1024
-# WebSockets through droid/transport.py (True) or python-engineio's own loop (False)
-WS_TRANSPORT = True
-
-
-def socketio_handler(sio: socketio.AsyncServer, delivery: Delivery, compression: bool,
-                     origins: Origins) -> type:
-    """python-engineio's Tornado handler, with per-message deflate made optional (off by default:
-    it costs memory and CPU per socket, and OWASP advises against it), browser origins checked
-    first (droid/cors.py), and its WebSocket connections known to the app, which closes them at
-    shutdown."""
-    if isinstance(sio.eio, TransportServer):  # Droid's WebSocket transport (droid/transport.py)
-        sio.eio.on_overflow = delivery.on_shed
-        sio.eio.max_buffered_bytes = delivery.max_backlog_bytes  # one slow-consumer bound
-        base = refuse_origins(tornado_handler(sio.eio, compression=compression), origins)
-    else:
-        base = websocket_handler(guard_frames(refuse_origins(socketio.get_tornado_handler(sio),
-                                                             origins)), delivery,
-                                 compression=compression)
-    base = guard_polling(base, sio.eio)  # long-polling POSTs always answered (droid/guard.py)
-
-    class Handler(base):  # type: ignore[misc, valid-type]
-        live: set = set()  # open WebSocket connections of this app, closed at shutdown
-
-        async def open(self, *args: Any, **kwargs: Any) -> None:
-            Handler.live.add(self)
-            await super().open(*args, **kwargs)
-
-        def on_close(self) -> None:
-            Handler.live.discard(self)
-            super().on_close()
-
-    return Handler
-
-
 class Droid:
     """One running Droid: HTTP server, Socket.IO server, worker, and the services between them."""
 
-    def __init__(self, config: Config, *, store: Store, sio: socketio.AsyncServer,
-                 application: tornado.web.Application, worker: Worker, gateway: EventsGateway,
-                 tasks: TaskService, presence: Any, redis: Any = None,
-                 owns_store: bool = True) -> None:
+    def __init__(self, config: Config, *, store: Store, realtime: Realtime,
+                 application: tornado.web.Application, worker: Worker, tasks: TaskService,
+                 redis: Any = None, owns_store: bool = True) -> None:
         self.config = config
         self.store = store
-        self.sio = sio
+        self.realtime = realtime
+        self.events = realtime.publisher
+        self.sio = realtime.sio
+        self.gateway = realtime.gateway
+        self.presence = realtime.presence
         self.application = application
         self.worker = worker
-        self.gateway = gateway
         self.tasks = tasks
-        self.presence = presence
         self.redis = redis
         self.owns_store = owns_store
         self.server: tornado.httpserver.HTTPServer | None = None
@@ -135,9 +98,7 @@ class Droid:
                                                     **server_options(self.config))
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
-        if self.redis is not None:
-            await self.sio.manager.start()
-        await self.presence.start()
+        await self.realtime.start()
         await self.worker.start()
 
     async def stop(self) -> None:
@@ -148,18 +109,8 @@ class Droid:
         if self.server is not None:
             self.server.stop()
         await self.worker.stop()
-        # python-socketio's shutdown stops its background tasks but leaves upgraded WebSocket
-        # connections open; close them so that clients reconnect (to another process).
-        for handler in list(self.application.settings["ws_handler"].live):
-            handler.close(1001, "server shutting down")
-        try:
-            await asyncio.wait_for(self.sio.shutdown(), 5)
-        except Exception:
-            log.warning("closing Socket.IO connections did not finish cleanly", exc_info=True)
-        await self.gateway.events.delivery.close()
-        await self.presence.stop()
-        if self.redis is not None:
-            await self.sio.manager.close()
+        await self.realtime.close_sockets()
+        await self.realtime.stop()
         if self.server is not None:
             await self.server.close_all_connections()
         if self.redis is not None:
@@ -180,36 +131,20 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         store = store_from_config(config)
     await store.open()
     metrics = Metrics()
-    redis = None
-    manager = None
+    redis = manager = None
     if config.redis_url:
-        from .cluster import make_manager, make_redis, redis_tls_verify
+        from .realtime.cluster import make_manager
+        from .realtime.redisconn import make_redis, redis_tls_verify
         redis = make_redis(config.redis_url, tls_verify=redis_tls_verify(config))
         manager = make_manager(config, redis)
     origins = Origins(config.cors_origins)
-    sio = GuardedServer(
-        async_mode="tornado", client_manager=manager, namespaces="*",
-        cors_allowed_origins=origins.for_engineio(),
-        max_http_buffer_size=MAX_PACKET, json=OrjsonModule, ping_interval=25, ping_timeout=20,
-        logger=False, engineio_logger=False, transport=WS_TRANSPORT)
-    if redis is not None:
-        from .cluster import RedisPresence, presence_ttl_s
-        presence: Any = RedisPresence(redis, config.instance_id, sio=sio,
-                                      ttl_s=presence_ttl_s(config))
-        manager.presence = presence  # connections.count is re-read where it is delivered
-    else:
-        presence = LocalPresence()
     tokens = Tokens(config)
-    events = EventsService(sio, store, metrics, relay=manager,
-                           max_backlog_bytes=config.max_backlog_bytes)
-    sio.close_transport = events.delivery.close_websocket
-    if manager is not None:
-        manager.on_envelope = events.receive
-        manager.on_resubscribed = events.delivery.catch_up
+    events = EventsService(store, metrics, relay=manager)
+    realtime = Realtime(config, store=store, tokens=tokens, publisher=events, origins=origins,
+                        metrics=metrics, manager=manager)
     tasks = TaskService(store, events, max_retries=config.task_max_retries,
                         retry_backoff_s=config.retry_backoff_s)
     agents = AgentService(store, default_model=config.llm_model)
-    gateway = EventsGateway(sio, tokens, events, presence, metrics)
     if provider is None:
         provider = make_provider(base_url=config.llm_base_url, api_key=config.llm_api_key,
                                  model=config.llm_model, timeout_s=config.llm_timeout_s,
@@ -220,16 +155,16 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
                     shutdown_grace_s=config.shutdown_grace_s)
     settings: dict[str, Any] = dict(
         config=config, store=store, tokens=tokens, passwords=Passwords(), task_service=tasks,
-        agent_service=agents, events_service=events, gateway=gateway, metrics=metrics,
-        version=__version__, openapi=build_openapi(__version__), static_path=static_path(),
-        static_handler_class=StaticHandler,
-        default_handler_class=NotFoundHandler, log_function=log_request, websocket_max_message_size=MAX_PACKET,
+        agent_service=agents, events_service=events, metrics=metrics, origins=origins,
+        socket_count=realtime.socket_count, version=__version__,
+        openapi=build_openapi(__version__), static_path=static_path(),
+        static_handler_class=StaticHandler, default_handler_class=NotFoundHandler,
+        log_function=log_request, websocket_max_message_size=MAX_PACKET,
         redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
         auth_limits=AuthLimits(config.auth_attempts_per_address, config.auth_failures_per_account),
     )
-    ws_handler = socketio_handler(sio, events.delivery, config.ws_compression, origins)
     routes = [
-        (r"/socket.io/", ws_handler),  # first: every Socket.IO connection and poll is routed
+        (r"/socket.io/", realtime.handler),  # first: every Socket.IO connection and poll is routed
         (r"/auth/register", RegisterHandler),
         (r"/auth/login", LoginHandler),
         (r"/auth/me", MeHandler),
@@ -244,10 +179,9 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         (r"/openapi.json", OpenApiHandler),
         (r"/", IndexHandler),
     ]
-    application = Front(routes, ws_handler=ws_handler, **settings)
-    return Droid(config, store=store, sio=sio, application=application, worker=worker,
-                 gateway=gateway, tasks=tasks, presence=presence, redis=redis,
-                 owns_store=owns_store)
+    application = Front(routes, **settings)
+    return Droid(config, store=store, realtime=realtime, application=application,
+                 worker=worker, tasks=tasks, redis=redis, owns_store=owns_store)
 
 
 async def _redis_ok(redis: Any) -> bool:

@@ -16,7 +16,7 @@ import socketio
 
 from conftest import Api, Listener, make_config, wait_until
 from droid.app import Droid
-from droid.events import MAX_SOCKETS_PER_USER
+from droid.realtime.gateway import MAX_SOCKETS_PER_USER
 from redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.asyncio

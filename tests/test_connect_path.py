@@ -12,9 +12,9 @@ import socketio
 
 from conftest import make_config
 from droid import __main__ as droid_main
-from droid import transport as droid_transport
-from droid.delivery import Delivery
-from droid.guard import GuardedServer
+from droid.realtime import transport as droid_transport
+from droid.realtime.delivery import Delivery
+from droid.realtime.guard import GuardedServer
 from rawsio import RawSocket
 from test_events import mint
 
@@ -45,7 +45,7 @@ async def test_connected_and_the_count_follow_the_connect_answer_in_its_turn(dro
     turns = Turns()
     written: dict[str, dict[str, int]] = {}
     send_packet = droid_transport.Transport.send_packet
-    send = Delivery.send
+    send, send_user = Delivery.send, Delivery.send_user
 
     def spy_send_packet(self, pkt):
         data = pkt.data
@@ -54,12 +54,18 @@ async def test_connected_and_the_count_follow_the_connect_answer_in_its_turn(dro
         return send_packet(self, pkt)
 
     def spy_send(self, sid, event, payload):
-        eio_sid = self.sio.manager.eio_sid_from_sid(sid, self.namespace)
+        eio_sid = self.outboxes[sid].queue.session.sid
         written.setdefault(eio_sid, {}).setdefault(event, turns.count)
         return send(self, sid, event, payload)
 
+    def spy_send_user(self, user_id, event, payload):
+        for box in self.by_user.get(user_id, {}).values():
+            written.setdefault(box.queue.session.sid, {}).setdefault(event, turns.count)
+        return send_user(self, user_id, event, payload)
+
     monkeypatch.setattr(droid_transport.Transport, "send_packet", spy_send_packet)
     monkeypatch.setattr(Delivery, "send", spy_send)
+    monkeypatch.setattr(Delivery, "send_user", spy_send_user)
     sockets = []
     try:
         for i in range(3):
@@ -80,7 +86,7 @@ async def test_connected_does_not_wait_for_the_store_and_nothing_after_it_is_los
     """`connected` is written while the socket's store read (where its user's envelopes stand)
     is still out, and an envelope published after `connected` reaches the socket even when that
     read, answering late, has already counted it."""
-    store = droid.gateway.events.delivery.store
+    store = droid.store
     real_last_seq = store.last_seq
     gate = asyncio.Event()
     reading = asyncio.Event()
@@ -95,7 +101,7 @@ async def test_connected_does_not_wait_for_the_store_and_nothing_after_it_is_los
     try:
         await raw.wait_for(lambda: raw.of("connected"))
         assert reading.is_set() and not gate.is_set()
-        await droid.gateway.events.publish("slow-store", "task.cancelled", {"taskId": "t-1"})
+        await droid.events.publish("slow-store", "task.cancelled", {"taskId": "t-1"})
         gate.set()
         await raw.wait_for(lambda: raw.of("task.event"))
         assert [e["data"]["taskId"] for e in raw.of("task.cancelled")] == ["t-1"]

@@ -10,7 +10,7 @@ import pytest
 import socketio
 
 from conftest import ISO_RE, TEST_SECRET, Api, Listener
-from droid.llm import AgentError
+from droid.tasks.llm import AgentError
 
 pytestmark = pytest.mark.asyncio
 

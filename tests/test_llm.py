@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-import droid.llm
-from droid.agents import DEFAULT_AGENT_ID
-from droid.llm import (
+import droid.tasks.llm
+from droid.tasks.agents import DEFAULT_AGENT_ID
+from droid.tasks.llm import (
     AgentError,
     AgentResult,
     DemoProvider,
@@ -148,7 +148,7 @@ async def test_demo_with_zero_delay_never_sleeps(monkeypatch: pytest.MonkeyPatch
     async def no_sleep(delay: float, result: object = None) -> None:
         raise AssertionError("the demo slept with delay_s=0")
 
-    monkeypatch.setattr("droid.llm.asyncio.sleep", no_sleep)
+    monkeypatch.setattr("droid.tasks.llm.asyncio.sleep", no_sleep)
     deltas = Deltas()
     await ask(DemoProvider(delay_s=0), on_delta=deltas)
     assert len(deltas.items) > 1
@@ -590,8 +590,8 @@ async def test_the_sdk_does_not_retry(fake: FakeLLM, providers) -> None:
 
 
 def test_llm_imports_nothing_private() -> None:
-    """droid/llm.py uses Tornado and the openai SDK through their public names only."""
-    tree = ast.parse(Path(droid.llm.__file__).read_text(encoding="utf-8"))
+    """droid/tasks/llm.py uses Tornado and the openai SDK through their public names only."""
+    tree = ast.parse(Path(droid.tasks.llm.__file__).read_text(encoding="utf-8"))
     private: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

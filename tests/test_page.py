@@ -23,7 +23,7 @@ import tornado.websocket
 
 from conftest import Api, make_config
 from droid.app import make_app
-from droid.tasks import TaskService
+from droid.tasks.service import TaskService
 from fake_llm import FakeLLM, Step
 from page_helpers import (CHROMIUM, DESKTOP, PASSWORD, PHONE, Chromium, card, expect,
                           expect_signed_in, new_email, run_task, sign_up, token_of, user_of)

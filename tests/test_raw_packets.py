@@ -18,7 +18,7 @@ Each case sends a few hostile frames on two attack sockets: one authenticated as
 Most of these cases were findings against python-socketio 5.18.1 and python-engineio 4.15.1
 (tracebacks per packet, half-dead sockets counted for a minute, unbounded attachment buffering,
 a wedged socket) and one against Droid (handlers that could not take extra arguments);
-droid/guard.py now refuses such traffic, and its docstring says how.
+droid/realtime/guard.py now refuses such traffic, and its docstring says how.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def seqs(listener, name: str = "task.event") -> list[int]:
 async def publish(app, user_id: str, count: int, start: int = 0) -> None:
     """Publish `count` stored events of the user, as the task service would."""
     for i in range(start, start + count):
-        await app.gateway.events.publish(user_id, "task.created",
+        await app.events.publish(user_id, "task.created",
                                          {"taskId": f"t{i}", "userId": user_id, "n": i})
 
 

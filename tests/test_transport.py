@@ -1,4 +1,4 @@
-"""droid/transport.py, Droid's Engine.IO 4 WebSocket transport, on its own terms (issue 15).
+"""droid/realtime/transport.py, Droid's Engine.IO 4 WebSocket transport, on its own terms (issue 15).
 
 Both reference clients (python-socketio's AsyncClient and the official JavaScript client) over a
 direct WebSocket and over long-polling upgraded to one; that the sockets are served by the
@@ -11,6 +11,7 @@ limits, chaos and resume suites run over the transport too (it is what make_app 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -20,8 +21,9 @@ import pytest
 import websockets
 
 from conftest import wait_until
-from droid import transport as droid_transport
-from droid.transport import Transport, TransportServer, run_eager
+from droid.realtime import wire as droid_wire
+from droid.realtime.eager import run_eager
+from droid.realtime.transport import Transport, TransportServer
 from test_events import mint
 from test_events_js import Driver, events_url, js  # noqa: F401 - js is a fixture
 from test_events_limits import StalledWebSocket, sid_of
@@ -101,7 +103,7 @@ async def test_python_client_over_the_transport(droid, listen, transports):
     ack = await client.client.call("ping", {"message": "hi"}, namespace="/events", timeout=5)
     assert ack is None or isinstance(ack, (dict, list))
     await client.next("pong", where=lambda d: d["message"] == "hi")
-    await droid.gateway.events.publish(user, "task.created", {"taskId": "t1"})
+    await droid.events.publish(user, "task.created", {"taskId": "t1"})
     event = await client.next("task.created")
     assert event["data"]["taskId"] == "t1"
     assert transport.buffered() == 0
@@ -119,7 +121,7 @@ async def test_javascript_client_over_the_transport(droid, js, transports):  # n
     await served_by_transport(droid, sid)
     assert not engineio_tasks()
     assert await sock.call("ping", {"message": "js"})
-    await droid.gateway.events.publish(user, "task.created", {"taskId": "t2"})
+    await droid.events.publish(user, "task.created", {"taskId": "t2"})
     event = await sock.next("task.created")
     assert event["data"]["taskId"] == "t2"
 
@@ -259,7 +261,7 @@ async def test_clients_that_answer_stay_connected(droid, listen, js):  # noqa: F
 
 async def test_a_client_that_stops_reading_is_dropped_at_the_byte_bound(droid, listen, caplog):
     """What python-socketio sends (not only Delivery's envelopes) counts against the bound."""
-    droid.sio.eio.max_buffered_bytes = 256 * 1024
+    droid.sio.eio.bound = dataclasses.replace(droid.sio.eio.bound, bytes=256 * 1024)
     user = str(uuid.uuid4())
     healthy = await listen(droid.url, mint(user))
     await healthy.next("connected")
@@ -332,7 +334,7 @@ async def test_run_eager_errors_after_a_wait_are_the_tasks():
 
 
 async def test_frame_refusal():
-    refuse = droid_transport.frame_refusal
+    refuse = droid_wire.frame_refusal
     assert refuse(b"4") == (1003, "binary frame")
     assert refuse("7")[0] == 1008 and refuse("")[0] == 1008
     assert refuse("45/events,")[0] == 1008
@@ -341,7 +343,7 @@ async def test_frame_refusal():
 
 async def test_ws_frame_lengths():
     for size, head in ((5, 2), (126, 4), (70_000, 10)):
-        frame = droid_transport.ws_frame(b"x" * size)
+        frame = droid_wire.ws_frame(b"x" * size)
         assert frame[0] == 0x81 and len(frame) == size + head
-    assert droid_transport.ws_frame(b"ab", 0x2)[0] == 0x82
+    assert droid_wire.ws_frame(b"ab", 0x2)[0] == 0x82
 

@@ -19,8 +19,8 @@ import pytest_asyncio
 
 from conftest import ISO_RE, Api, Listener, wait_until
 from droid.app import Droid
-from droid.llm import estimate_tokens, make_provider
-from droid.tasks import LOST_WORKER
+from droid.tasks.llm import estimate_tokens, make_provider
+from droid.tasks.service import LOST_WORKER
 from droid.util import new_id, utcnow
 from tests.fake_llm import DEFAULT_ANSWER, FakeLLM, Step, refused_url, split_answer
 

@@ -1,142 +1,45 @@
-"""Real-time events: the publisher (EventsService) and the /events namespace (EventsGateway).
+"""The /events namespace (EventsGateway): who may connect, the client events, and the limits.
 
-EventsService is what the task service publishes through: it numbers each envelope with the
-user's `seq`, stores it for resume, and hands it to Delivery (droid/delivery.py), which writes it
-to the owner's sockets in this process as the specific event and as `task.event`, and to the
-relay (Redis, when there are several processes), which hands it to every other process's
-Delivery. EventsGateway authenticates sockets, answers the client events, has Delivery replay
-what a reconnecting client missed, and enforces the contract's limits.
+It authenticates sockets, registers each with Delivery (droid/realtime/delivery.py) and with
+presence (droid/realtime/presence.py), has Delivery replay what a reconnecting client missed,
+answers `ping`, `subscribe.tasks`, `unsubscribe.tasks` and `auth.refresh`, disconnects a socket
+whose token expires, and enforces the contract's limits (sockets per user, client events a
+second). Its log lines carry the name `EventsGateway`, as the original protocol document says.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
 import logging
 import time
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Coroutine, Protocol
 from urllib.parse import parse_qs
 
 import socketio
 
-from .auth import AuthError, Tokens, bearer
-from .delivery import MAX_BACKLOG_BYTES, Delivery
-from .store import Store
-from .transport import run_eager
-from .util import iso, now_iso, utcnow
+from ..auth import AuthError, Tokens, bearer
+from ..util import iso, now_iso
+from .delivery import Delivery
+from .eager import run_eager
+from .guard import GuardedServer
+from .wire import COUNT_EVENT, NAMESPACE, presence_room
 
-NAMESPACE = "/events"
 CONNECTED_MESSAGE = "Successfully connected to real-time events"
 MAX_SOCKETS_PER_USER = 20
 RATE_PER_SECOND = 20
 
-service_log = logging.getLogger("droid.EventsService")
 gateway_log = logging.getLogger("droid.EventsGateway")
 
 
-def presence_room(user_id: str) -> str:
-    return f"sockets:{user_id}"
+class Presence(Protocol):
+    """Each user's live /events sockets (droid/realtime/presence.py): add/remove return the
+    user's count after the change, over every process."""
 
+    async def add(self, user_id: str, sid: str) -> int: ...
 
-class KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+    async def remove(self, user_id: str, sid: str) -> int: ...
 
-    def __init__(self) -> None:
-        self._locks: dict[str, list] = {}
-
-    def __call__(self, key: str) -> "_Held":
-        return _Held(self, key)
-
-
-class _Held:
-    def __init__(self, owner: KeyedLocks, key: str) -> None:
-        self.owner, self.key = owner, key
-
-    async def __aenter__(self) -> None:
-        entry = self.owner._locks.setdefault(self.key, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            await entry[0].acquire()
-        except BaseException:  # cancelled while waiting: no longer a user of the lock
-            self._leave(entry)
-            raise
-
-    async def __aexit__(self, *exc: Any) -> None:
-        entry = self.owner._locks[self.key]
-        entry[0].release()
-        self._leave(entry)
-
-    def _leave(self, entry: list) -> None:
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self.owner._locks[self.key]
-
-
-class EventsService:
-    """Publishes task events: numbered, stored for resume, delivered to the owner's sockets."""
-
-    def __init__(self, sio: socketio.AsyncServer, store: Store, metrics: Any = None,
-                 relay: Any = None, *, max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
-        self.sio = sio
-        self.store = store
-        self.metrics = metrics
-        # Another process's publisher: `publish_envelope(user_id, event, envelope)`, which
-        # comes back through `receive` there.
-        self.relay = relay
-        self.delivery = Delivery(sio, store, NAMESPACE, max_backlog_bytes=max_backlog_bytes)
-        if metrics is not None:
-            self.delivery.on_shed = lambda sid: metrics.sockets_shed.inc()
-        self.user_locks = KeyedLocks()
-        self._watchers: dict[str, set[asyncio.Event]] = {}
-        self._emitted: dict[str, Any] = {}  # events_emitted's child counter by event name
-
-    def watch(self, user_id: str) -> asyncio.Event:
-        """An event set whenever an envelope of the user is published (SSE streams)."""
-        wakeup = asyncio.Event()
-        self._watchers.setdefault(user_id, set()).add(wakeup)
-        return wakeup
-
-    def unwatch(self, user_id: str, wakeup: asyncio.Event) -> None:
-        watchers = self._watchers.get(user_id)
-        if watchers is not None:
-            watchers.discard(wakeup)
-            if not watchers:
-                del self._watchers[user_id]
-
-    async def publish(self, user_id: str, event: str, data: dict, *, durable: bool = True) -> None:
-        if not durable:
-            envelope = {"event": event, "data": data, "timestamp": now_iso(), "seq": None}
-            await self._fan_out(user_id, event, envelope)
-            return
-        # One lock per user in this process, so that its envelopes leave in seq order (sockets
-        # would put them back in order anyway, but without having to wait for a gap).
-        async with self.user_locks(user_id):
-            now = utcnow()
-            envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": None}
-            await self.store.append_event(user_id, event, envelope, now)  # numbers it: seq
-            await self._fan_out(user_id, event, envelope)
-
-    async def _fan_out(self, user_id: str, event: str, envelope: dict) -> None:
-        self.receive(user_id, event, envelope)
-        if self.relay is not None:
-            await self.relay.publish_envelope(user_id, event, envelope)
-        else:
-            # Delivery writes without waiting; let the loop serve sockets (and shed laggards)
-            # between two publishes even when the store answers without waiting either.
-            await asyncio.sleep(0)
-        if self.metrics is not None:
-            counter = self._emitted.get(event)
-            if counter is None:  # labels() takes a lock and builds a key: once per event name
-                counter = self._emitted[event] = self.metrics.events_emitted.labels(event=event)
-            counter.inc()
-
-    def receive(self, user_id: str, event: str, envelope: dict) -> None:
-        """An envelope published here or, through the relay, by another process."""
-        self.delivery.deliver(user_id, event, envelope)
-        if envelope["seq"] is not None:
-            for wakeup in self._watchers.get(user_id, ()):
-                wakeup.set()
-        service_log.debug("delivered %s seq=%s of user %s", event, envelope["seq"], user_id)
+    async def count(self, user_id: str) -> int: ...
 
 
 class RateLimiter:
@@ -172,36 +75,6 @@ class SocketState:
         self.subscribed = True
 
 
-class LocalPresence:
-    """Counts each user's live sockets in this process (the Redis variant spans processes)."""
-
-    def __init__(self) -> None:
-        self._sockets: dict[str, set[str]] = collections.defaultdict(set)
-
-    async def add(self, user_id: str, sid: str) -> int:
-        self._sockets[user_id].add(sid)
-        return len(self._sockets[user_id])
-
-    async def remove(self, user_id: str, sid: str) -> int:
-        sids = self._sockets.get(user_id)
-        if sids is not None:
-            sids.discard(sid)
-            if not sids:
-                del self._sockets[user_id]
-        return len(sids or ())
-
-    async def count(self, user_id: str) -> int:
-        return len(self._sockets.get(user_id, ()))
-
-    async def total(self) -> int:
-        return sum(len(s) for s in self._sockets.values())
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
 
 def _token_from(environ: dict, auth: Any) -> str | None:
     """The first token found: auth.token, then the Authorization header, then ?token=."""
@@ -233,13 +106,17 @@ def _peer(environ: dict) -> str:
 class EventsGateway:
     """The /events namespace."""
 
-    def __init__(self, sio: socketio.AsyncServer, tokens: Tokens, events: EventsService,
-                 presence: Any = None, metrics: Any = None) -> None:
+    def __init__(self, sio: GuardedServer, tokens: Tokens, delivery: Delivery,
+                 presence: Presence, *, metrics: Any = None, counts_by_room: bool = False) -> None:
+        """`counts_by_room`: send `connections.count` through python-socketio's room emit (its
+        Redis manager then has every process recount; see droid/realtime/cluster.py) instead of
+        writing it to this process's sockets of the user."""
         self.sio = sio
         self.tokens = tokens
-        self.events = events
-        self.presence = presence or LocalPresence()
+        self.delivery = delivery
+        self.presence = presence
         self.metrics = metrics
+        self.counts_by_room = counts_by_room
         self.sockets: dict[str, SocketState] = {}
         self._background: set[asyncio.Task] = set()
         for name, handler in (("connect", self.on_connect), ("disconnect", self.on_disconnect),
@@ -299,8 +176,13 @@ class EventsGateway:
             user_id = state.user_id
             if self.sockets.get(sid) is not state:
                 return  # gone already
-            self.events.delivery.add(sid, user_id)
-            await self.sio.enter_room(sid, presence_room(user_id), namespace=NAMESPACE)
+            eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+            session = self.sio.eio.session(eio_sid)
+            if session is None:
+                return  # gone already
+            self.delivery.add(sid, user_id, session.queue)
+            if self.counts_by_room:
+                await self.sio.enter_room(sid, presence_room(user_id), namespace=NAMESPACE)
             attaching = None
             if last_seq is None:
                 # Subscribed before `connected` (Delivery.attach holds what is published from
@@ -308,7 +190,7 @@ class EventsGateway:
                 # `connected` does not wait for that read: in a connection storm the answer
                 # of a store call comes back turns of the loop later.
                 attaching = run_eager(self._attach(sid, state, None))
-            self.events.delivery.send(sid, "connected", {
+            self.delivery.send(sid, "connected", {
                 "clientId": sid, "userId": user_id, "timestamp": now_iso(),
                 "message": CONNECTED_MESSAGE})
             try:
@@ -327,7 +209,7 @@ class EventsGateway:
             return
         if state.expiry is not None:
             state.expiry.cancel()
-        self.events.delivery.remove(sid)
+        self.delivery.remove(sid)
         count = await self.presence.remove(state.user_id, sid)
         gateway_log.info("client %s disconnected (user %s, %s; %d open)", sid, state.user_id,
                          reason, count)
@@ -337,27 +219,25 @@ class EventsGateway:
         # Counted when sent, not when connected: with two sockets arriving at once, the last
         # count sent is the right one.
         count = await self.presence.count(user_id)
-        if self.events.relay is None:
+        if not self.counts_by_room:
             # One process holds every socket of the user: written straight to each (in order
             # with the rest, and in this turn of the loop), where python-socketio's room emit
             # starts a task per recipient, so the count would reach the client a turn after
             # `connected`, in a segment of its own.
-            delivery = self.events.delivery
-            for sid in list(delivery.by_user.get(user_id, ())):
-                delivery.send(sid, "connections.count", {"count": count})
+            self.delivery.send_user(user_id, COUNT_EVENT, {"count": count})
             return
-        await self.sio.emit("connections.count", {"count": count},
-                            room=presence_room(user_id), namespace=NAMESPACE)
+        await self.sio.emit(COUNT_EVENT, {"count": count}, room=presence_room(user_id),
+                            namespace=NAMESPACE)
 
     async def _attach(self, sid: str, state: SocketState, last_seq: int | None) -> None:
         """Deliver the user's envelopes to the socket, first what it missed after last_seq."""
-        oldest = await self.events.delivery.attach(sid, last_seq)
+        oldest = await self.delivery.attach(sid, last_seq)
         if oldest is not None:
             gateway_log.info("client %s: seq %d is no longer kept; resync from %d", sid,
                              last_seq, oldest)
-            self.events.delivery.send(sid, "resync", {"oldestSeq": oldest})
+            self.delivery.send(sid, "resync", {"oldestSeq": oldest})
         if not state.subscribed:  # unsubscribed meanwhile
-            self.events.delivery.detach(sid)
+            self.delivery.detach(sid)
 
     # token expiry ----------------------------------------------------------------------------
 
@@ -375,7 +255,7 @@ class EventsGateway:
 
     async def _expire(self, sid: str) -> None:
         gateway_log.info("client %s: token expired, disconnecting", sid)
-        self.events.delivery.send(sid, "auth.expired", {"timestamp": now_iso(),
+        self.delivery.send(sid, "auth.expired", {"timestamp": now_iso(),
                                                         "message": "Token expired"})
         await self.sio.disconnect(sid, namespace=NAMESPACE)
 
@@ -389,7 +269,7 @@ class EventsGateway:
             return state
         # Every dropped event is answered (the contract: "dropped and answered"); a client that
         # floods without reading its answers falls behind and is cut by the slow-consumer bound.
-        self.events.delivery.send(sid, "error", {"message": "Rate limit exceeded"})
+        self.delivery.send(sid, "error", {"message": "Rate limit exceeded"})
         now = time.monotonic()
         if now - state.limiter.warned_at >= 1.0:  # the log says it once a second
             state.limiter.warned_at = now
@@ -397,7 +277,7 @@ class EventsGateway:
         return None
 
     async def _answer(self, sid: str, event: str, payload: dict) -> dict:
-        self.events.delivery.send(sid, event, payload)
+        self.delivery.send(sid, event, payload)
         return payload
 
     async def on_ping(self, sid: str, data: Any = None, *_: Any) -> dict | None:
@@ -425,7 +305,7 @@ class EventsGateway:
         if state is None:
             return None
         state.subscribed = False
-        self.events.delivery.detach(sid)
+        self.delivery.detach(sid)
         return await self._answer(sid, "unsubscribed.tasks", {
             "userId": state.user_id, "timestamp": now_iso(),
             "message": "Successfully unsubscribed from task updates"})

@@ -10,7 +10,7 @@ import tornado.iostream
 
 from ..auth import AuthError, bearer
 from ..errors import Invalid, Unauthorized
-from ..schemas import EventsQuery
+from .schemas import EventsQuery
 from ..util import dumps
 from .base import ApiHandler
 

@@ -21,9 +21,8 @@ from typing import Any
 import tornado.httputil
 import tornado.web
 
-from .config import Config
-from .handlers.base import MAX_BODY
-from .util import dumps
+from ..config import Config
+from ..web import MAX_BODY, write_error
 
 MAX_HEADER_BYTES = 64 * 1024
 HARD_HEADER_BYTES = 4 * MAX_HEADER_BYTES
@@ -88,12 +87,8 @@ class HeadTooLarge(tornado.web.RequestHandler):
     """431 in the JSON error shape, for any method."""
 
     def prepare(self) -> None:
-        self.set_status(431)
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(dumps({"statusCode": 431, "error": "Request Header Fields Too Large",
-                           "message": f"Request line and headers must be at most "
-                                      f"{MAX_HEADER_BYTES} bytes"}))
+        write_error(self, 431, f"Request line and headers must be at most {MAX_HEADER_BYTES} bytes",
+                    error="Request Header Fields Too Large")
 
 
 class Front(tornado.web.Application):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import Conflict, Invalid, Unauthorized
-from ..schemas import AgentBody, LoginBody, RegisterBody, TaskBody, TaskQuery
+from .schemas import AgentBody, LoginBody, RegisterBody, TaskBody, TaskQuery
 from ..util import iso, new_id, utcnow
 from .base import ApiHandler
 
@@ -16,7 +16,7 @@ def user_json(doc: dict) -> dict:
 
 class _AuthBase(ApiHandler):
     """Sign-in and registration: rate limited per client address and per e-mail
-    (droid/ratelimit.py), the same way whether the e-mail is registered or not."""
+    (droid/http/ratelimit.py), the same way whether the e-mail is registered or not."""
 
     limits = property(lambda self: self.settings["auth_limits"])
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from .agents import AgentService
 from .llm import AgentError
-from .tasks import TaskService
+from .service import TaskService
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from .errors import NotFound
-from .store import Store
-from .util import iso, new_id, utcnow
+from ..errors import NotFound
+from ..store import Store
+from ..util import iso, new_id, utcnow
 
 DEFAULT_AGENT_ID = "00000000-0000-4000-8000-000000000001"
 DEFAULT_SYSTEM_PROMPT = "You are Droid, a helpful assistant. Answer clearly and concisely."

@@ -10,17 +10,12 @@ import pydantic
 import tornado.web
 
 from ..auth import AuthError, Identity, bearer
-from ..errors import ApiError, Invalid, PayloadTooLarge, Unauthorized
+from ..errors import ApiError, Invalid, Unauthorized
 from ..util import dumps
+from ..web import BoundedBody, write_api_error, write_error
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=pydantic.BaseModel)
-MAX_BODY = 1024 * 1024
-# What is left of an oversized body is read and dropped, up to this much, before the 413 is sent:
-# Tornado closes a connection whose answer ends before its body, and a client still sending
-# then gets a reset instead of the answer.
-DISCARD_MAX = 16 * MAX_BODY
-_UNBOUNDED = 2**62  # Tornado's own body limit for handlers that bound theirs (BoundedBody)
 
 
 _MESSAGES = {
@@ -65,72 +60,6 @@ def invalid(exc: pydantic.ValidationError) -> Invalid:
     return Invalid(messages[0] if len(messages) == 1 else messages)
 
 
-class BoundedBody:
-    """Mixin of a `@stream_request_body` handler: keeps a request body of at most `body_limit`
-    bytes, Content-Length or chunked alike, and answers a larger one with `refuse_body()`.
-
-    The answer is given once the body has ended (Tornado then keeps the connection), with what
-    came after the limit dropped as it arrives; at once when the client waits for
-    `100-continue` or announces more than DISCARD_MAX, or when that much has come. Subclasses
-    call `start_body()` from prepare(), read the body with `take_body()`, and may override
-    `body_too_large()` (called once, when the limit is passed) and `refuse_body()` (the answer).
-    """
-
-    body_limit = MAX_BODY
-    _chunks: list[bytes] | None = None
-    _size = 0
-    _oversized = False
-
-    def start_body(self) -> None:
-        self._chunks = []
-        # Tornado's limit (HTTPServer max_body_size) is for handlers that buffer their body.
-        self.request.connection.set_max_body_size(_UNBOUNDED)
-        length = self.request.headers.get("Content-Length")
-        if length is None:
-            return
-        try:
-            size = int(length)
-        except ValueError:
-            raise Invalid("Content-Length is invalid") from None
-        if size > self.body_limit:
-            self._overflow()
-            if size > DISCARD_MAX or \
-                    self.request.headers.get("Expect", "").lower() == "100-continue":
-                self.refuse_body()
-
-    def data_received(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._oversized or self._size > self.body_limit:
-            if not self._oversized:
-                self._overflow()
-            if self._size > DISCARD_MAX and not self._finished:
-                self.refuse_body()
-            return
-        if self._chunks is not None:
-            self._chunks.append(chunk)
-
-    def take_body(self) -> bytes:
-        chunks, self._chunks = self._chunks or [], []
-        return b"".join(chunks)
-
-    def _overflow(self) -> None:
-        self._oversized = True
-        self._chunks = None
-        self.body_too_large()
-        # Tornado calls the handler's method once the body has ended: have it answer instead.
-        setattr(self, self.request.method.lower(), self._refused_method)
-
-    def _refused_method(self, *args: Any, **kwargs: Any) -> None:
-        if not self._finished:
-            self.refuse_body()
-
-    def body_too_large(self) -> None:
-        """The body has passed the limit (it is being dropped)."""
-
-    def refuse_body(self) -> None:
-        raise NotImplementedError
-
-
 @tornado.web.stream_request_body
 class ApiHandler(BoundedBody, tornado.web.RequestHandler):
     """JSON API base. The body is streamed so that an oversized one is refused unread."""
@@ -149,24 +78,17 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
-        origin = self.request.headers.get("Origin")
-        if origin:
-            allowed = self.settings["config"].cors_origins
-            if "*" in allowed:
-                self.set_header("Access-Control-Allow-Origin", "*")
-            elif origin.rstrip("/") in allowed:
-                self.set_header("Access-Control-Allow-Origin", origin)
-                self.set_header("Vary", "Origin")
-            else:
-                return
-            self.set_header("Access-Control-Expose-Headers", "Retry-After")  # on 429s
+        origins = self.settings["origins"]
+        if not origins.any:
+            self.set_header("Vary", "Origin")
+        allow = origins.allow_header(self.request.headers.get("Origin"),
+                                     self.request.headers.get("Host"))
+        if allow is not None:
+            self.set_header("Access-Control-Allow-Origin", allow)
+            self.set_header("Access-Control-Expose-Headers", "Retry-After")  # on 429s and 503s
 
     async def prepare(self) -> None:
         self.start_body()
-
-    def refuse_body(self) -> None:
-        exc = PayloadTooLarge(f"Request body is larger than {self.body_limit} bytes")
-        self.send_error(exc.status, exc_info=(type(exc), exc, None))
 
     def options(self, *args: Any) -> None:
         self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
@@ -219,26 +141,13 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ApiError):
-            body = exc.body()
-            self.set_status(exc.status)
-            if exc.status == 401:
-                self.set_header("WWW-Authenticate", 'Bearer realm="droid"')
-            retry_after = getattr(exc, "retry_after", None)
-            if retry_after is not None:
-                self.set_header("Retry-After", str(retry_after))
+            write_api_error(self, exc)
         elif isinstance(exc, tornado.web.HTTPError) and status_code < 500:
-            body = {"statusCode": status_code, "error": HTTPStatus(status_code).phrase,
-                    "message": _http_error_message(exc)}
             if status_code == 405:
                 self.set_header("Allow", ", ".join(self.allowed_methods()))
+            write_error(self, status_code, _http_error_message(exc))
         else:
-            status_code = 500 if status_code < 500 else status_code
-            self.set_status(status_code)
-            body = {"statusCode": status_code, "error": HTTPStatus(status_code).phrase,
-                    "message": "Internal server error"}
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.clear_header("Content-Disposition")
-        self.finish(dumps(body))
+            write_error(self, 500 if status_code < 500 else status_code, "Internal server error")
 
     def allowed_methods(self) -> list[str]:
         base = tornado.web.RequestHandler

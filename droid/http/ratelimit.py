@@ -20,7 +20,7 @@ import math
 import time
 from typing import Callable
 
-from .errors import ApiError
+from ..errors import ApiError
 
 
 class RateLimited(ApiError):

@@ -12,9 +12,9 @@ import datetime as dt
 import logging
 from typing import Awaitable, Callable, Protocol
 
-from .errors import Conflict, Invalid, NotFound
-from .store import PRIORITY_RANK, Store
-from .util import dumps, iso, loads, new_id, now_iso, utcnow
+from ..errors import Conflict, Invalid, NotFound
+from ..store import PRIORITY_RANK, Store
+from ..util import dumps, iso, loads, new_id, now_iso, utcnow
 
 log = logging.getLogger(__name__)
 

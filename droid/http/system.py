@@ -12,7 +12,8 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..errors import ApiError, Unauthorized
-from ..util import dumps, utcnow
+from ..util import utcnow
+from ..web import write_error
 from .base import ApiHandler
 
 
@@ -37,7 +38,7 @@ class MetricsHandler(ApiHandler):
         for status, count in (await store.count_by_status()).items():
             metrics.tasks.labels(status=status).set(count)
         metrics.queue_depth.set(await store.count_due(utcnow()))
-        metrics.connections.set(len(self.settings["gateway"].sockets))
+        metrics.connections.set(self.settings["socket_count"]())
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(metrics.registry))
 
@@ -110,14 +111,10 @@ class StaticHandler(tornado.web.StaticFileHandler):
             # files that do not exist, and one answer for all says nothing about the disk.
             status_code = 404
             self.set_status(404)
-        phrase = HTTPStatus(status_code).phrase
-        body = {"statusCode": status_code, "error": phrase,
-                "message": "Cannot %s %s" % (self.request.method, self.request.path)
-                if status_code in (404, 405) else phrase}
         if status_code == 405:
             self.set_header("Allow", "GET, HEAD")
         for name in ("Etag", "Last-Modified", "Expires", "Accept-Ranges", "Content-Range"):
             self.clear_header(name)
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(dumps(body))
+        write_error(self, status_code,
+                    "Cannot %s %s" % (self.request.method, self.request.path)
+                    if status_code in (404, 405) else HTTPStatus(status_code).phrase)
