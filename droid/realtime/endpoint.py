@@ -21,7 +21,7 @@ from .gateway import EventsGateway
 from .guard import GuardedServer, endpoint_handler, engineio_origins
 from .presence import LocalPresence
 from .queue import MAX_BACKLOG, Bound
-from .transport import tornado_handler
+from .handler import tornado_handler
 
 log = logging.getLogger("droid.realtime")
 

@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from typing import Any
-from urllib.parse import urlsplit
 
-import tornado.web
 import tornado.websocket
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
@@ -43,6 +40,7 @@ from . import adapter
 from .eager import run_eager, spawn_logged
 from .pings import PingWheel
 from .queue import Bound, SessionQueue
+from .environ import translate_request
 from .wire import Frames, frame_refusal, ws_frame
 
 log = logging.getLogger("droid.transport")
@@ -272,62 +270,6 @@ _HANDSHAKE_ONLY = ("wsgi.input", "HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_V
                    "HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_ACCEPT_ENCODING")
 
 
-class _Payload:
-    """A request body as python-engineio reads it (`await environ['wsgi.input'].read(n)`): what
-    its Tornado driver's `AwaitablePayload` does, without defining that class anew for every
-    request (a class object is 2.5 KB and costs a type creation per request)."""
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes | None) -> None:
-        self.payload = payload or b""
-
-    async def read(self, length: int | None = None) -> bytes:
-        if length is None:
-            r, self.payload = self.payload, b""
-        else:
-            r, self.payload = self.payload[:length], self.payload[length:]
-        return r
-
-
-def translate_request(handler: Any) -> dict:
-    """python-engineio's Tornado `translate_request` (4.15), with a module-level body reader."""
-    request = handler.request
-    path = request.path
-    query = request.query or ""
-    environ = {
-        "wsgi.input": _Payload(request.body),
-        "wsgi.errors": sys.stderr,
-        "wsgi.version": (1, 0),
-        "wsgi.async": True,
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-        "SERVER_SOFTWARE": "aiohttp",
-        "REQUEST_METHOD": request.method,
-        "QUERY_STRING": query,
-        "RAW_URI": path + "?" + query if query else path,
-        "SERVER_PROTOCOL": "HTTP/%s" % request.version,
-        "REMOTE_ADDR": "127.0.0.1",
-        "REMOTE_PORT": "0",
-        "SERVER_NAME": "aiohttp",
-        "SERVER_PORT": "0",
-        "tornado.handler": handler,
-    }
-    for name, value in request.headers.items():
-        name = name.upper()
-        if name == "CONTENT-TYPE":
-            environ["CONTENT_TYPE"] = value
-        elif name == "CONTENT-LENGTH":
-            environ["CONTENT_LENGTH"] = value
-        else:
-            environ["HTTP_" + name.replace("-", "_")] = value
-    environ["wsgi.url_scheme"] = environ.get("HTTP_X_FORWARDED_PROTO", "http")
-    environ["PATH_INFO"] = urlsplit(path).path
-    environ["SCRIPT_NAME"] = ""
-    return environ
-
-
 class TransportServer(adapter.EngineServerBase):
     """python-engineio's server with Droid's WebSocket transport, ping wheel and session
     queues (`bound`: the slow-consumer bound every session's queue applies)."""
@@ -377,69 +319,4 @@ class TransportServer(adapter.EngineServerBase):
         return self.ws_transports.get(sid)
 
 
-# the Tornado handler ---------------------------------------------------------------------------
-
-class _SlimRequest:
-    """What stays of a WebSocket's upgrade request after open(): enough for log lines."""
-
-    __slots__ = ("method", "uri", "version", "remote_ip", "host", "protocol")
-
-    def __init__(self, request: Any) -> None:
-        self.method, self.uri, self.version = request.method, request.uri, request.version
-        self.remote_ip, self.host, self.protocol = request.remote_ip, request.host, request.protocol
-
-    def request_time(self) -> float:
-        return 0.0
-
-
-def tornado_handler(eio: TransportServer, *, compression: bool) -> type:
-    """The Tornado handler of the Socket.IO endpoint: long-polling requests go to
-    python-engineio; WebSocket requests get a Transport. Origins are checked before either sees
-    the request (droid/realtime/guard.py)."""
-
-    class SocketIOHandler(tornado.websocket.WebSocketHandler):
-        transport: Transport | None = None
-
-        async def get(self, *args: Any, **kwargs: Any) -> None:
-            if self.request.headers.get("Upgrade", "").lower() == "websocket":
-                await super().get(*args, **kwargs)
-            else:
-                await eio.handle_request(self)
-
-        async def post(self, *args: Any, **kwargs: Any) -> None:
-            await eio.handle_request(self)
-
-        async def options(self, *args: Any, **kwargs: Any) -> None:
-            await eio.handle_request(self)
-
-        async def open(self, *args: Any, **kwargs: Any) -> None:
-            # Tornado reads no frame before this returns, and it returns once the transport is
-            # attached (or the request refused): no task per connection stays behind.
-            await eio.handle_request(self)
-            if self.transport is None:
-                log.info("closing WebSocket from %s: refused by Engine.IO",
-                         self.request.remote_ip)
-                self.close(1008)
-                return
-            adapter.slim(self, _SlimRequest(self.request))
-
-        def on_message(self, message: str | bytes) -> Any:
-            transport = self.transport
-            return transport.on_message(message) if transport is not None else None
-
-        def on_close(self) -> None:
-            transport = self.transport
-            if transport is not None:
-                transport.on_close()
-
-        def check_origin(self, origin: str) -> bool:
-            # prepare() has refused every origin the CORS rule does not allow (guard.py).
-            return True
-
-        def get_compression_options(self) -> dict | None:
-            return {} if compression else None
-
-    return SocketIOHandler
-
-
-__all__ = ["Transport", "TransportServer", "tornado_handler", "NODELAY"]
+__all__ = ["Transport", "TransportServer", "NODELAY"]
