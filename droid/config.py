@@ -10,6 +10,13 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+# The slow-consumer bound (docs/contract.md): a client more than MAX_BACKLOG messages or
+# DROID_MAX_BACKLOG_BYTES behind is cut, on every transport; one that takes nothing for
+# DRAIN_TIMEOUT_S while a replay or an SSE stream waits for it is cut too.
+MAX_BACKLOG = 1000
+MAX_BACKLOG_BYTES = 4 * 1024 * 1024
+DRAIN_TIMEOUT_S = 30.0
+
 
 class ConfigError(Exception):
     """A variable has a value Droid cannot run with; the message names the variable."""
@@ -52,7 +59,7 @@ class Config:
     event_retention_s: int = 48 * 3600
     # Limits against slow, large or repeated requests (README "Limits").
     trusted_proxies: tuple[str, ...] = ()  # whose X-Forwarded-For is used: addresses, or "*"
-    max_backlog_bytes: int = 4 * 1024 * 1024
+    max_backlog_bytes: int = MAX_BACKLOG_BYTES
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     auth_attempts_per_address: int = 30  # a minute, login and registration together
@@ -236,7 +243,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         redis_tls_verify=_bool(env, "REDIS_TLS_VERIFY", True),
         event_retention_s=_int(env, "DROID_EVENT_RETENTION_S", 48 * 3600, 86400),
         trusted_proxies=_proxies(env),
-        max_backlog_bytes=_int(env, "DROID_MAX_BACKLOG_BYTES", 4 * 1024 * 1024, 64 * 1024),
+        max_backlog_bytes=_int(env, "DROID_MAX_BACKLOG_BYTES", MAX_BACKLOG_BYTES, 64 * 1024),
         header_timeout_s=_float(env, "DROID_HEADER_TIMEOUT_S", 10.0, 0.1),
         body_timeout_s=_float(env, "DROID_BODY_TIMEOUT_S", 60.0, 0.1),
         auth_attempts_per_address=_int(env, "DROID_AUTH_ATTEMPTS_PER_ADDRESS", 30, 1),

@@ -4,6 +4,11 @@ from __future__ import annotations
 from http import HTTPStatus
 
 
+def error_body(status: int, message: str | list[str], error: str | None = None) -> dict:
+    """The contract's error shape: {"statusCode", "error", "message"}."""
+    return {"statusCode": status, "error": error or HTTPStatus(status).phrase, "message": message}
+
+
 class ApiError(Exception):
     status = 500
 
@@ -18,7 +23,7 @@ class ApiError(Exception):
         return HTTPStatus(self.status).phrase
 
     def body(self) -> dict:
-        return {"statusCode": self.status, "error": self.reason, "message": self.message}
+        return error_body(self.status, self.message, self.reason)
 
 
 class Invalid(ApiError):

@@ -6,13 +6,12 @@ refusals the same way and decide origins by the same rule.
 """
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
 import tornado.web
 
-from .errors import ApiError, Invalid
+from .errors import ApiError, Invalid, error_body
 from .util import dumps
 
 MAX_BODY = 1024 * 1024
@@ -24,11 +23,6 @@ _UNBOUNDED = 2**62  # Tornado's own body limit for handlers that bound theirs (B
 
 
 # the error shape -------------------------------------------------------------------------------
-
-def error_body(status: int, message: str | list[str], error: str | None = None) -> dict:
-    """The contract's error shape: {"statusCode", "error", "message"}."""
-    return {"statusCode": status, "error": error or HTTPStatus(status).phrase, "message": message}
-
 
 def write_error(handler: tornado.web.RequestHandler, status: int, message: str | list[str], *,
                 error: str | None = None, retry_after: int | None = None) -> None:

@@ -16,7 +16,7 @@ import socketio
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from conftest import ISO_RE, Listener, wait_until
-from droid.realtime.queue import MAX_BACKLOG
+from droid.config import MAX_BACKLOG
 from droid.realtime.gateway import MAX_SOCKETS_PER_USER
 from test_events import mint
 
@@ -313,7 +313,7 @@ async def test_a_stalled_polling_client_is_cut_by_bytes_long_before_1000_message
 async def test_a_stalled_sse_reader_is_given_at_most_the_bytes_bound_at_once(droid):
     """The event stream writes at most DROID_MAX_BACKLOG_BYTES (plus one envelope) before it
     waits for the client; 200 stored envelopes of 64 KB used to be written in one go."""
-    from droid.realtime.queue import MAX_BACKLOG_BYTES
+    from droid.config import MAX_BACKLOG_BYTES
     user = str(uuid.uuid4())
     for n in range(200):
         await droid.events.publish(user, "task.created", {"n": n, "pad": LARGE})
@@ -355,3 +355,52 @@ async def test_an_sse_reader_that_takes_nothing_is_disconnected(droid, monkeypat
     await wait_until(lambda: _async(streams() == 0), timeout=10)
     writer.close()
     await writer.wait_closed()
+
+
+# one slow-consumer bound (issue 20) -----------------------------------------------------------
+
+def _shed_count(droid) -> float:
+    return droid.application.settings["metrics"].sockets_shed._value.get()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_one_stalled_socket_is_shed_once(droid, listen, caplog, transport):
+    """The bound is checked once per write, whatever wrote (python-socketio's packets and
+    Delivery's envelopes alike): one stalled socket counts once in droid_sockets_shed and gets
+    one WARNING line, on each transport."""
+    user = str(uuid.uuid4())
+    healthy = await listen(droid.url, mint(user))
+    await healthy.next("connected")
+    before = _shed_count(droid)
+    http = AsyncHTTPClient(force_instance=True)
+    stalled = None
+    if transport == "websocket":
+        stalled = await StalledWebSocket().open(droid.url, mint(user))
+    else:
+        base = droid.url + "/socket.io/?EIO=4&transport=polling"
+
+        async def request(url: str, body: str | None = None):
+            return await http.fetch(HTTPRequest(url, method="POST" if body else "GET",
+                                                body=body, request_timeout=10),
+                                    raise_error=False)
+        sid = re.search(r'"sid":"([^"]+)"', (await request(base)).body.decode()).group(1)
+        await request(f"{base}&sid={sid}", '40/events,{"token":"%s"}' % mint(user))
+        assert "40/events" in (await request(f"{base}&sid={sid}")).body.decode()
+    await healthy.next("connections.count", where=lambda d: d["count"] == 2)
+    stalled_sid = next(s for s in droid.gateway.sockets if s != sid_of(healthy))
+    published = 0
+    while stalled_sid in droid.gateway.sockets:
+        # both kinds of writes: a room emit of python-socketio's, then an envelope of Delivery's
+        await droid.sio.emit("bulk", {"pad": LARGE}, to=stalled_sid, namespace="/events")
+        await droid.events.publish(user, "task.created", {"n": published, "pad": LARGE})
+        published += 1
+        assert published < 300, "the stalled socket was never shed"
+    for _ in range(20):  # more writes after the cut count nothing more
+        await droid.events.publish(user, "task.created", {"pad": LARGE})
+    assert _shed_count(droid) == before + 1
+    lines = [r for r in caplog.records if r.levelno == logging.WARNING and
+             "behind" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    if stalled is not None:
+        stalled.close()
+    http.close()

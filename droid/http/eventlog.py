@@ -9,6 +9,7 @@ import tornado.gen
 import tornado.iostream
 
 from ..auth import AuthError, bearer
+from ..config import DRAIN_TIMEOUT_S
 from ..errors import Invalid, Unauthorized
 from .schemas import EventsQuery
 from ..util import dumps
@@ -17,7 +18,6 @@ from .base import ApiHandler
 KEEPALIVE_S = 15.0
 POLL_S = 1.0
 BATCH = 500
-DRAIN_TIMEOUT_S = 30.0
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,9 @@ import tornado.websocket
 from engineio import async_socket
 from tornado.iostream import IOStream
 
-PING_TASK = async_socket.AsyncSocket._send_ping
+# None when an upgrade renamed it: sessions would quietly go back to a ping task each, which
+# tests/test_adapter.py catches.
+PING_TASK = getattr(async_socket.AsyncSocket, "_send_ping", None)
 
 
 # Tornado ---------------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ class EngineServerBase(engineio.AsyncServer):
                            translate_request=self.translate_request)
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(target, "__func__", None) is PING_TASK:
+        if PING_TASK is not None and getattr(target, "__func__", None) is PING_TASK:
             self.ping_later(target.__self__)
             return None
         return super().start_background_task(target, *args, **kwargs)

@@ -42,7 +42,7 @@ CHANNEL = "droid:socketio"
 PUBLISH_RETRY_S = 1.0
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 5.0
-KEEPALIVE_S = 15.0
+REDIS_KEEPALIVE_S = 15.0  # a subscription silent this long is PINGed; twice this, reconnected
 POLL_S = 1.0
 
 _COUNT_ROOM = presence_room("")
@@ -83,7 +83,7 @@ class RedisManager(RedisManagerBase):
                  tls_verify: bool = True, instance_id: str,
                  presence_ttl_s: float = DEFAULT_PRESENCE_TTL_S,
                  publish_retry_s: float = PUBLISH_RETRY_S,
-                 reconnect_max_s: float = RECONNECT_MAX_S, keepalive_s: float = KEEPALIVE_S) -> None:
+                 reconnect_max_s: float = RECONNECT_MAX_S, keepalive_s: float = REDIS_KEEPALIVE_S) -> None:
         super().__init__(url, channel=channel)
         self._owns_redis = redis is None
         self.redis = redis if redis is not None else make_redis(url, tls_verify=tls_verify)

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from ..auth import Tokens
-from ..config import Config
+from ..config import MAX_BACKLOG, Config
 from ..store import Store
 from ..tasks.publisher import EventsService
 from ..util import OrjsonModule
@@ -20,7 +20,7 @@ from .delivery import Delivery
 from .gateway import EventsGateway
 from .guard import GuardedServer, endpoint_handler, engineio_origins
 from .presence import LocalPresence
-from .queue import MAX_BACKLOG, Bound
+from .queue import Bound
 from .handler import tornado_handler
 
 log = logging.getLogger("droid.realtime")

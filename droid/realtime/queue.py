@@ -20,12 +20,11 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
+from ..config import MAX_BACKLOG, MAX_BACKLOG_BYTES
 from .wire import Frames
 
 log = logging.getLogger("droid.transport")
 
-MAX_BACKLOG = 1000
-MAX_BACKLOG_BYTES = 4 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)

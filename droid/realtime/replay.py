@@ -18,6 +18,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ..config import DRAIN_TIMEOUT_S
 from ..store import Store
 from .wire import Frames
 
@@ -32,7 +33,6 @@ GAP_GIVE_UP_S = 3.0
 # A resume whose next seqs are missing from the store waits for them (up to GAP_GIVE_UP_S) only
 # when so few are missing that publishers still storing them could explain it.
 IN_FLIGHT_MAX = 64
-DRAIN_TIMEOUT_S = 30.0
 
 
 class History:

@@ -1,0 +1,286 @@
+"""droid/realtime/adapter.py: every private name of Tornado, python-engineio and python-socketio
+that Droid uses, checked on its own (it exists, takes the parameters Droid passes) and where Droid
+relies on it being called. Each test is named after its hook, and each failure says which hook
+broke and what Droid loses with it: run this first after upgrading one of the three libraries
+(setup.cfg's upper bounds are the releases it has passed on)."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import uuid
+
+import engineio
+import pytest
+import socketio
+import tornado.httpserver
+import tornado.iostream
+import tornado.testing
+import tornado.web
+import tornado.websocket
+from engineio import async_socket
+
+from droid.realtime import adapter
+from droid.realtime.transport import TransportServer
+
+from conftest import wait_until
+from rawsio import RawSocket
+from test_events import mint
+
+
+def hook(name: str, ok: bool, loses: str) -> None:
+    assert ok, f"hook {name} changed upstream: {loses}"
+
+
+def params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+async def _async(value):
+    return value
+
+
+# Tornado ---------------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_hook_IOStream_write_buffer():
+    """adapter.buffered: bytes not yet taken by the kernel (the slow-consumer bound)."""
+    a, b = socket.socketpair()
+    stream = tornado.iostream.IOStream(a)
+    try:
+        hook("IOStream._write_buffer", hasattr(stream, "_write_buffer"),
+             "the slow-consumer bound no longer sees what Tornado buffers")
+        stream.write(b"x" * (8 * 1024 * 1024))  # more than the socket buffers take
+        hook("IOStream._write_buffer", adapter.buffered(stream) > 0,
+             "adapter.buffered() reads 0 while megabytes wait")
+    finally:
+        stream.close()
+        b.close()
+    hook("IOStream._write_buffer", adapter.buffered(stream) == 0,
+         "a closed stream should count as nothing buffered")
+
+
+class _Echo(tornado.websocket.WebSocketHandler):
+    compression = False
+    seen: list = []
+
+    def get_compression_options(self):
+        return {} if self.compression else None
+
+    def open(self):
+        _Echo.seen.append(self)
+
+    def on_message(self, message):
+        self.write_message(message)
+
+
+async def _websocket_pair(compression: bool):
+    handler_class = type("Echo", (_Echo,), {"compression": compression})
+    app = tornado.web.Application([(r"/ws", handler_class)])
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets([sock])
+    _Echo.seen = []
+    client = await tornado.websocket.websocket_connect(
+        f"ws://127.0.0.1:{port}/ws", compression_options={} if compression else None)
+    await wait_until(lambda: _async(_Echo.seen))
+    return server, client, _Echo.seen[0]
+
+
+@pytest.mark.parametrize("compression", [False, True])
+@pytest.mark.asyncio
+async def test_hook_WebSocketProtocol13_compressor(compression):
+    """adapter.deflating: pre-built frames are written raw only without per-message deflate."""
+    server, client, handler = await _websocket_pair(compression)
+    try:
+        conn = handler.ws_connection
+        hook("WebSocketProtocol13._compressor", hasattr(conn, "_compressor"),
+             "Droid cannot tell whether deflate was negotiated")
+        hook("WebSocketProtocol13._compressor", adapter.deflating(conn) is compression,
+             f"deflating() says {adapter.deflating(conn)} with compression={compression}")
+    finally:
+        client.close()
+        server.stop()
+
+
+@pytest.mark.asyncio
+async def test_hook_WebSocketProtocol_server_terminated():
+    """adapter.closing: nothing is written after the server's close frame."""
+    server, client, handler = await _websocket_pair(False)
+    try:
+        conn = handler.ws_connection
+        hook("WebSocketProtocol.server_terminated", adapter.closing(conn) is False,
+             "an open WebSocket reads as closing")
+        handler.close(1000)
+        hook("WebSocketProtocol.server_terminated", adapter.closing(conn) is True,
+             "the server's close frame is not seen: frames would follow it")
+    finally:
+        client.close()
+        server.stop()
+
+
+@pytest.mark.asyncio
+async def test_hook_RequestHandler_slim():
+    """adapter.slim: what a WebSocket handler keeps and never reads after open() is dropped, and
+    the connection still works."""
+    server, client, handler = await _websocket_pair(False)
+    try:
+        for name in ("_headers", "_transforms", "ui", "path_args", "path_kwargs", "open_args",
+                     "open_kwargs", "request"):
+            hook(f"RequestHandler.{name}", hasattr(handler, name),
+                 "adapter.slim() drops an attribute Tornado no longer has (memory per socket)")
+        adapter.slim(handler, object())
+        await client.write_message("still there")
+        hook("RequestHandler (slim)", await asyncio.wait_for(client.read_message(), 5)
+             == "still there", "the WebSocket stops working once slimmed")
+    finally:
+        client.close()
+        server.stop()
+
+
+# python-engineio -------------------------------------------------------------------------------
+
+def test_hook_AsyncServer_async_driver_table():
+    """The driver table: `websocket` is what a session calls to serve a WebSocket (Droid's
+    transport attaches there); `translate_request` builds each request's environ."""
+    eio = engineio.AsyncServer(async_mode="tornado")
+    table = getattr(eio, "_async", None)
+    hook("AsyncServer._async", isinstance(table, dict), "no driver table to plug the transport in")
+    for entry in ("websocket", "translate_request"):
+        hook(f"AsyncServer._async[{entry!r}]", entry in table,
+             "Droid's transport or environ builder is never called")
+    upgrade = inspect.getsource(async_socket.AsyncSocket._upgrade_websocket)
+    hook("AsyncServer._async['websocket']",
+         "_async['websocket'](" in upgrade and "self._websocket_handler" in upgrade,
+         "sessions no longer open WebSockets through the driver's entry")
+
+
+def test_hook_AsyncSocket_send_ping():
+    """The one task python-engineio starts per session: the ping wheel takes its place."""
+    hook("AsyncSocket._send_ping", adapter.PING_TASK is not None
+         and inspect.iscoroutinefunction(adapter.PING_TASK),
+         "every session goes back to a sleeping ping task of its own (memory per socket)")
+    hook("AsyncSocket._send_ping", params(adapter.PING_TASK) == ["self"],
+         "the ping task takes other parameters")
+    schedule = inspect.getsource(async_socket.AsyncSocket.schedule_ping)
+    hook("AsyncSocket._send_ping", "start_background_task(self._send_ping)" in schedule,
+         "schedule_ping no longer starts it through start_background_task")
+
+
+@pytest.mark.asyncio
+async def test_the_hooks_are_called_where_droid_relies_on_them(droid):
+    """On a real server and socket: the driver's `websocket` entry attached Droid's transport,
+    the ping task went to the wheel (no task of python-engineio's), `translate_request` built
+    the environ, and python-socketio's connect hooks ran."""
+    user = str(uuid.uuid4())
+    raw = await RawSocket(droid.url).open({"token": mint(user)})
+    try:
+        await raw.wait_for(lambda: raw.of("connected"))
+        eio = droid.sio.eio
+        hook("AsyncSocket._engineio_server_class", isinstance(eio, TransportServer),
+             "python-socketio built its own engine server, without Droid's transport")
+        (session,) = eio.sockets.values()
+        hook("AsyncServer._async['websocket']", eio.transport(session.sid) is not None,
+             "the WebSocket was not handed to Droid's transport")
+        wheel = [ref() for bucket in eio.wheel.buckets.values() for ref, _ in bucket]
+        hook("AsyncSocket._send_ping", session in wheel,
+             "the session's ping was not handed to the ping wheel")
+        names = [getattr(t.get_coro(), "__qualname__", "") for t in asyncio.all_tasks()]
+        hook("AsyncSocket._send_ping", not any("_send_ping" in n for n in names),
+             "a ping task runs per session")
+        environ = droid.sio.environ[session.sid]
+        hook("AsyncServer._async['translate_request']", "tornado.handler" in environ,
+             "the environ was not built by Droid's translate_request")
+        hook("AsyncServer._handle_eio_connect", session.queue.session is session,
+             "on_session did not run for a new session (its queue cannot shed it)")
+        for name in ("connected", "upgrading", "upgraded", "closing", "closed", "last_ping",
+                     "queue", "sid", "schedule_ping", "receive", "send", "close"):
+            hook(f"AsyncSocket.{name}", hasattr(session, name), "a session attribute is gone")
+        for name in ("sockets", "ping_interval", "ping_timeout", "reason"):
+            hook(f"AsyncServer.{name}", hasattr(eio, name), "an engine server attribute is gone")
+        manager = droid.sio.manager
+        for name in ("eio_sid_from_sid", "sid_from_eio_sid", "is_connected", "rooms"):
+            hook(f"BaseManager.{name}", hasattr(manager, name), "a manager attribute is gone")
+    finally:
+        await raw.close()
+
+
+# python-socketio -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("_engineio_server_class", ["self"]),
+    ("_handle_connect", ["self", "eio_sid", "namespace", "data"]),
+    ("_handle_eio_connect", ["self", "eio_sid", "environ"]),
+    ("_handle_eio_message", ["self", "eio_sid", "data"]),
+])
+def test_hook_AsyncServer(name, expected):
+    method = getattr(socketio.AsyncServer, name, None)
+    hook(f"AsyncServer.{name}", method is not None, "python-socketio no longer calls it")
+    hook(f"AsyncServer.{name}", params(method) == expected,
+         f"its parameters are now {params(method)}, Droid passes {expected}")
+
+
+def test_hook_AsyncServer_calls():
+    """Where python-socketio calls the hooks Droid overrides."""
+    base = inspect.getsource(socketio.base_server.BaseServer.__init__)
+    hook("AsyncServer._engineio_server_class", "self._engineio_server_class()" in base,
+         "the engine server is no longer built through it")
+    eio_message = inspect.getsource(socketio.AsyncServer._handle_eio_message)
+    hook("AsyncServer._handle_connect", "self._handle_connect(" in eio_message,
+         "CONNECT packets no longer go through it (`connected` would wait a task)")
+    hook("AsyncServer._handle_eio_message",
+         "self.eio.on('message', self._handle_eio_message)" in base,
+         "packets no longer enter through it: malformed ones reach python-socketio")
+    hook("AsyncServer._handle_eio_connect",
+         "self.eio.on('connect', self._handle_eio_connect)" in base,
+         "new sessions are not seen: no connect deadline, no shedding of unjoined sessions")
+
+
+@pytest.mark.asyncio
+async def test_malformed_packets_are_refused_through_handle_eio_message(droid, caplog):
+    """AsyncServer._handle_eio_message is where Droid refuses what python-socketio cannot take."""
+    raw = await RawSocket(droid.url).open({"token": mint(str(uuid.uuid4()))})
+    try:
+        await raw.wait_for(lambda: raw.of("connected"))
+        await raw.ws.send('42/events,{"not": "an event name"}')
+        await asyncio.wait_for(raw.closed.wait(), 5)
+    finally:
+        await raw.close()
+    hook("AsyncServer._handle_eio_message",
+         any("malformed packet" in r.getMessage() for r in caplog.records),
+         "the malformed EVENT was not refused by GuardedServer.on_packet")
+
+
+@pytest.mark.parametrize("name, expected", [("_publish", ["self", "data"]),
+                                            ("_listen", ["self"])])
+def test_hook_AsyncRedisManager(name, expected):
+    method = getattr(socketio.AsyncRedisManager, name, None)
+    hook(f"AsyncRedisManager.{name}", method is not None,
+         "Droid's Redis side (outages, one client) is bypassed")
+    hook(f"AsyncRedisManager.{name}", params(method) == expected,
+         f"its parameters are now {params(method)}")
+
+
+@pytest.mark.asyncio
+async def test_the_redis_hooks_are_called():
+    """AsyncPubSubManager publishes through `_publish` and listens through `_listen`."""
+    published, listened = [], []
+
+    class Spy(adapter.RedisManagerBase):
+        async def publish_raw(self, data):
+            published.append(data)
+
+        async def listen_raw(self):
+            listened.append(True)
+            return
+            yield  # an async generator that ends at once
+
+    manager = Spy("redis://127.0.0.1:1")
+    manager.set_server(socketio.AsyncServer(async_mode="tornado", client_manager=manager))
+    await manager.emit("e", {"x": 1}, namespace="/events", room="r")
+    hook("AsyncRedisManager._publish", published and published[0]["event"] == "e",
+         "emits are no longer published through it")
+    thread = asyncio.ensure_future(manager._thread())
+    await wait_until(lambda: _async(listened), 5)
+    thread.cancel()
+    hook("AsyncRedisManager._listen", listened, "the listener no longer reads through it")
