@@ -21,7 +21,7 @@ import tornado.websocket
 from engineio import async_socket
 
 from droid.realtime import adapter
-from droid.realtime.transport import TransportServer
+from droid.realtime.engine import TransportServer
 
 from conftest import wait_until
 from rawsio import RawSocket

@@ -23,7 +23,8 @@ import websockets
 from conftest import wait_until
 from droid.realtime import wire as droid_wire
 from droid.realtime.eager import run_eager
-from droid.realtime.transport import Transport, TransportServer
+from droid.realtime.engine import TransportServer
+from droid.realtime.transport import Transport
 from test_events import mint
 from test_events_js import Driver, events_url, js  # noqa: F401 - js is a fixture
 from test_events_limits import StalledWebSocket, sid_of

@@ -20,7 +20,7 @@ from .delivery import Delivery
 from .gateway import EventsGateway
 from .guard import GuardedServer, endpoint_handler, engineio_origins
 from .presence import LocalPresence
-from .queue import Bound
+from .transport import Bound
 from .handler import tornado_handler
 
 log = logging.getLogger("droid.realtime")

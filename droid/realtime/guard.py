@@ -41,8 +41,8 @@ from ..errors import Invalid
 from ..web import BoundedBody, Origins, write_error
 from .adapter import SocketIOServerBase
 from .eager import spawn_logged
-from .queue import Bound
-from .transport import TransportServer
+from .transport import Bound
+from .engine import TransportServer
 from .wire import CLIENT_SOCKETIO_PACKETS, NAMESPACE, POLLING_ENGINE_PACKETS
 
 log = logging.getLogger("droid.guard")

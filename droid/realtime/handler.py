@@ -8,7 +8,8 @@ from typing import Any
 import tornado.websocket
 
 from . import adapter
-from .transport import Transport, TransportServer
+from .engine import TransportServer
+from .transport import Transport
 
 log = logging.getLogger("droid.transport")
 

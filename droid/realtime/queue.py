@@ -1,39 +1,8 @@
-"""Each Engine.IO session's queue: lean, and the one door of what is written to a session.
-
-python-engineio gives every session a queue (through `create_queue`, its public hook) and puts
-every packet it sends there: the OPEN packet, python-socketio's CONNECT answers and acks, pings.
-Droid's Delivery writes through the same door (`send_frames`). While the session has no
-WebSocket (long-polling, or an upgrade not finished) the queue holds packets for the next poll;
-once the transport is attached, everything is written at once instead.
-
-**The slow-consumer bound** is checked here, once per write, whatever wrote: a session with more
-than `Bound.messages` messages, or more than `Bound.bytes` bytes, not yet taken by its client
-(queued, or written to a WebSocket and still in Tornado's buffer) is shed: one WARNING line, one
-`on_shed` call (the metric), and its connection ends; the client can come back and resume with
-`lastSeq`. Bytes are counted before the message being written, so that one large message alone
-never trips the bound: a session holds at most the bound plus one message.
-"""
+"""LeanQueue: what python-engineio uses of asyncio.Queue, in a tenth of the memory."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import logging
-from typing import Any, Callable
-
-from ..config import MAX_BACKLOG, MAX_BACKLOG_BYTES
-from .wire import Frames
-
-log = logging.getLogger("droid.transport")
-
-
-
-@dataclasses.dataclass(frozen=True)
-class Bound:
-    """The slow-consumer bound, and what to call (with the Engine.IO sid) when it sheds one."""
-
-    messages: int = MAX_BACKLOG
-    bytes: int = MAX_BACKLOG_BYTES
-    on_shed: Callable[[str], None] | None = None
+from typing import Any
 
 
 class LeanQueue:
@@ -136,85 +105,3 @@ class LeanQueue:
 def _size(item: Any) -> int:
     data = getattr(item, "data", None)
     return len(data) if isinstance(data, (str, bytes)) else 0
-
-
-class SessionQueue(LeanQueue):
-    """python-engineio's queue of one session, and the door of everything written to it."""
-
-    __slots__ = ("bound", "session", "transport", "direct", "shed")
-
-    def __init__(self, bound: Bound) -> None:
-        super().__init__()
-        self.bound = bound
-        self.session: Any = None      # the AsyncSocket, once the engine server has made it
-        self.transport: Any = None    # the WebSocket transport, once attached and live
-        self.direct = 0               # messages written to the transport since it drained
-        self.shed = False
-
-    def put_nowait(self, item: Any) -> None:
-        if self.shed:
-            return
-        transport = self.transport
-        if transport is None:
-            before = self.bytes
-            super().put_nowait(item)
-            self._check(before)
-        elif item is not None:  # None: python-engineio waking its own (absent) writer
-            before = self._written_before()
-            transport.send_packet(item)
-            self.direct += 1
-            self._check(before)
-
-    def send_frames(self, frames: Frames) -> None:
-        """Delivery's pre-encoded packets: written at once on a live WebSocket, else queued."""
-        if self.shed:
-            return
-        transport = self.transport
-        if transport is not None and transport.live:
-            before = self._written_before()
-            transport.send_frames(frames)
-            self.direct += frames.count
-            self._check(before)
-            return
-        before = self.bytes
-        for packet in frames.packets():
-            super().put_nowait(packet)
-        self._check(before)
-
-    def pending(self) -> tuple[int, int]:
-        """Messages and bytes written to this session that its client has not taken yet."""
-        transport = self.transport
-        if transport is None:
-            return self.qsize(), self.bytes
-        buffered = transport.buffered()
-        return self.qsize() + (self.direct if buffered else 0), self.bytes + buffered
-
-    def _written_before(self) -> int:
-        buffered = self.transport.buffered()
-        if not buffered:
-            self.direct = 0  # everything written before has reached the kernel
-        return self.bytes + buffered
-
-    def _check(self, before: int) -> None:
-        bound = self.bound
-        if before > bound.bytes or self.pending()[0] > bound.messages:
-            self.cut()
-
-    def cut(self) -> None:
-        """Shed this session now (the bound is passed, or a replay waited too long)."""
-        if self.shed:
-            return
-        self.shed = True
-        session = self.session
-        sid = getattr(session, "sid", "?")
-        messages, size = self.pending()
-        log.warning("client %s fell %d messages or %d bytes behind (bound %d or %d): "
-                    "disconnecting it", sid, messages, size, self.bound.messages,
-                    self.bound.bytes)
-        if self.bound.on_shed is not None:
-            self.bound.on_shed(sid)
-        super().clear()
-        if self.transport is not None:
-            self.transport.abort()  # the stream's end ends both sessions
-        elif session is not None:
-            session.server.end_session_soon(session)

@@ -7,8 +7,22 @@ exchange on the WebSocket side, reading frames, writing packets and pre-encoded 
 (every MESSAGE goes to the session's `receive`, as python-engineio's own WebSocket loop hands
 it), and python-engineio still owns the session, its queue while no WebSocket is attached
 (droid/realtime/queue.py), the handshake and long-polling, including the polling side of an
-upgrade. Pings are droid/realtime/pings.py's; what goes under the libraries is
-droid/realtime/adapter.py's.
+upgrade. The engine server is droid/realtime/engine.py, pings droid/realtime/pings.py; what goes
+under the libraries is droid/realtime/adapter.py's.
+
+**Each session's queue** (`SessionQueue`, given to every session through python-engineio's
+public `create_queue` hook) is the one door of what is written to it: python-engineio's packets
+(the OPEN packet, python-socketio's CONNECT answers and acks, pings) and Delivery's pre-encoded
+frames (`send_frames`). While the session has no live WebSocket (long-polling, or an upgrade not
+finished) it holds packets for the next poll; once the transport is live, everything is written
+at once instead.
+
+**The slow-consumer bound** is checked there, once per write, whatever wrote: a session with
+more than `Bound.messages` messages, or more than `Bound.bytes` bytes, not yet taken by its
+client (queued, or written to the WebSocket and still in Tornado's buffer) is shed: one WARNING
+line, one `on_shed` call (the metric), and its connection ends; the client can come back and
+resume with `lastSeq`. Bytes are counted before the message being written, so that one large
+message alone never trips the bound: a session holds at most the bound plus one message.
 
 **Why not python-engineio's WebSocket loop**: it keeps, per socket, a read-loop task whose
 `wait_for` adds a task and a timer per received frame, a writer task, a ping task sleeping 25 s,
@@ -28,8 +42,9 @@ and of a connection's cost (bench/RESULTS.md). Here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import tornado.websocket
 from engineio import exceptions as eio_exceptions
@@ -38,9 +53,8 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from . import adapter
 from .eager import run_eager, spawn_logged
-from .pings import PingWheel
-from .queue import Bound, SessionQueue
-from .environ import translate_request
+from ..config import MAX_BACKLOG, MAX_BACKLOG_BYTES
+from .queue import LeanQueue
 from .wire import Frames, frame_refusal, ws_frame
 
 log = logging.getLogger("droid.transport")
@@ -51,12 +65,103 @@ PROBING, UPGRADING, OPEN, CLOSED = "probing", "upgrading", "open", "closed"
 NODELAY = True
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The slow-consumer bound, and what to call (with the Engine.IO sid) when it sheds one."""
+
+    messages: int = MAX_BACKLOG
+    bytes: int = MAX_BACKLOG_BYTES
+    on_shed: Callable[[str], None] | None = None
+
+
+class SessionQueue(LeanQueue):
+    """python-engineio's queue of one session, and the door of everything written to it."""
+
+    __slots__ = ("bound", "session", "transport", "direct", "shed")
+
+    def __init__(self, bound: Bound) -> None:
+        super().__init__()
+        self.bound = bound
+        self.session: Any = None      # the AsyncSocket, once the engine server has made it
+        self.transport: Any = None    # the WebSocket transport, once attached and live
+        self.direct = 0               # messages written to the transport since it drained
+        self.shed = False
+
+    def put_nowait(self, item: Any) -> None:
+        if self.shed:
+            return
+        transport = self.transport
+        if transport is None:
+            before = self.bytes
+            super().put_nowait(item)
+            self._check(before)
+        elif item is not None:  # None: python-engineio waking its own (absent) writer
+            before = self._written_before()
+            transport.send_packet(item)
+            self.direct += 1
+            self._check(before)
+
+    def send_frames(self, frames: Frames) -> None:
+        """Delivery's pre-encoded packets: written at once on a live WebSocket, else queued."""
+        if self.shed:
+            return
+        transport = self.transport
+        if transport is not None and transport.live:
+            before = self._written_before()
+            transport.send_frames(frames)
+            self.direct += frames.count
+            self._check(before)
+            return
+        before = self.bytes
+        for packet in frames.packets():
+            super().put_nowait(packet)
+        self._check(before)
+
+    def pending(self) -> tuple[int, int]:
+        """Messages and bytes written to this session that its client has not taken yet."""
+        transport = self.transport
+        if transport is None:
+            return self.qsize(), self.bytes
+        buffered = transport.buffered()
+        return self.qsize() + (self.direct if buffered else 0), self.bytes + buffered
+
+    def _written_before(self) -> int:
+        buffered = self.transport.buffered()
+        if not buffered:
+            self.direct = 0  # everything written before has reached the kernel
+        return self.bytes + buffered
+
+    def _check(self, before: int) -> None:
+        bound = self.bound
+        if before > bound.bytes or self.pending()[0] > bound.messages:
+            self.cut()
+
+    def cut(self) -> None:
+        """Shed this session now (the bound is passed, or a replay waited too long)."""
+        if self.shed:
+            return
+        self.shed = True
+        session = self.session
+        sid = getattr(session, "sid", "?")
+        messages, size = self.pending()
+        log.warning("client %s fell %d messages or %d bytes behind (bound %d or %d): "
+                    "disconnecting it", sid, messages, size, self.bound.messages,
+                    self.bound.bytes)
+        if self.bound.on_shed is not None:
+            self.bound.on_shed(sid)
+        super().clear()
+        if self.transport is not None:
+            self.transport.abort()  # the stream's end ends both sessions
+        elif session is not None:
+            session.server.end_session_soon(session)
+
+
 class Transport:
     """One Engine.IO session's WebSocket."""
 
     __slots__ = ("server", "socket", "handler", "conn", "stream", "state", "raw", "_closing")
 
-    def __init__(self, server: "TransportServer", socket: Any, handler: Any) -> None:
+    def __init__(self, server: Any, socket: Any, handler: Any) -> None:
         self.server = server
         self.socket = socket
         self.handler = handler
@@ -240,83 +345,4 @@ class Transport:
         return getattr(getattr(handler, "request", None), "remote_ip", "?")
 
 
-# the engine server -----------------------------------------------------------------------------
-
-class _Opener:
-    """What a session calls to serve a WebSocket request (the driver's `websocket` entry):
-    attaches a Transport and returns at once, so that no task stays behind."""
-
-    __slots__ = ("socket", "server")
-
-    def __init__(self, handler: Any, server: "TransportServer") -> None:
-        self.socket = adapter.EngineServerBase.session_of(handler)
-        self.server = server
-
-    async def __call__(self, environ: dict) -> None:
-        handler = environ["tornado.handler"]
-        if getattr(handler, "ws_connection", None) is None:
-            return None
-        # python-socketio keeps this environ for the socket's life (a direct WebSocket's is the
-        # handshake's): the request body reader and the WebSocket handshake's own headers are of
-        # no use after it.
-        for key in _HANDSHAKE_ONLY:
-            environ.pop(key, None)
-        Transport(self.server, self.socket, handler).attach()
-        return None
-
-
-_HANDSHAKE_ONLY = ("wsgi.input", "HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_VERSION",
-                   "HTTP_SEC_WEBSOCKET_EXTENSIONS", "HTTP_UPGRADE", "HTTP_CONNECTION",
-                   "HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_ACCEPT_ENCODING")
-
-
-class TransportServer(adapter.EngineServerBase):
-    """python-engineio's server with Droid's WebSocket transport, ping wheel and session
-    queues (`bound`: the slow-consumer bound every session's queue applies)."""
-
-    websocket_opener = _Opener
-    translate_request = staticmethod(translate_request)
-
-    def __init__(self, *args: Any, bound: Bound = Bound(), **kwargs: Any) -> None:
-        self.bound = bound
-        super().__init__(*args, **kwargs)
-        self.ws_transports: dict[str, Transport] = {}
-        self.wheel = PingWheel(self)
-        self._ending: set[asyncio.Task] = set()
-
-    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs:
-            return super().create_queue(*args, **kwargs)
-        return SessionQueue(self.bound)
-
-    def ping_later(self, session: Any) -> None:
-        self.wheel.ping_later(session)
-
-    async def end_session(self, sock: Any, reason: Any, *, abort: bool = True) -> None:
-        """End an Engine.IO session and forget it, never waiting for its client. With `abort`
-        (its transport is gone) no CLOSE packet is sent; without, one is queued, so that a
-        long-poll waiting meanwhile is answered with it."""
-        if not sock.closed:
-            try:
-                await sock.close(wait=False, abort=abort, reason=reason)
-            except Exception:  # closed meanwhile
-                log.debug("closing Engine.IO session %s failed", sock.sid, exc_info=True)
-        if self.sockets.get(sock.sid) is sock:
-            del self.sockets[sock.sid]
-
-    def end_session_soon(self, sock: Any, reason: Any = None, *, abort: bool = False) -> None:
-        """end_session from code that cannot wait."""
-        task = asyncio.get_running_loop().create_task(
-            self.end_session(sock, reason or self.reason.TRANSPORT_ERROR, abort=abort))
-        self._ending.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._ending.discard)
-
-    def session(self, sid: str | None) -> Any:
-        """The Engine.IO session `sid`, or None."""
-        return self.sockets.get(sid) if sid else None
-
-    def transport(self, sid: str) -> Transport | None:
-        return self.ws_transports.get(sid)
-
-
-__all__ = ["Transport", "TransportServer", "NODELAY"]
+__all__ = ["Bound", "SessionQueue", "Transport", "NODELAY"]

@@ -1,0 +1,93 @@
+"""Droid's Engine.IO server: python-engineio's AsyncServer with Droid's WebSocket transport
+(droid/realtime/transport.py), a ping wheel instead of a task per session (pings.py), and a
+SessionQueue per session (the slow-consumer bound). Its hooks into python-engineio are
+droid/realtime/adapter.py's."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from . import adapter
+from .environ import translate_request
+from .pings import PingWheel
+from .transport import Bound, SessionQueue, Transport
+
+log = logging.getLogger("droid.transport")
+
+
+class _Opener:
+    """What a session calls to serve a WebSocket request (the driver's `websocket` entry):
+    attaches a Transport and returns at once, so that no task stays behind."""
+
+    __slots__ = ("socket", "server")
+
+    def __init__(self, handler: Any, server: "TransportServer") -> None:
+        self.socket = adapter.EngineServerBase.session_of(handler)
+        self.server = server
+
+    async def __call__(self, environ: dict) -> None:
+        handler = environ["tornado.handler"]
+        if getattr(handler, "ws_connection", None) is None:
+            return None
+        # python-socketio keeps this environ for the socket's life (a direct WebSocket's is the
+        # handshake's): the request body reader and the WebSocket handshake's own headers are of
+        # no use after it.
+        for key in _HANDSHAKE_ONLY:
+            environ.pop(key, None)
+        Transport(self.server, self.socket, handler).attach()
+        return None
+
+
+_HANDSHAKE_ONLY = ("wsgi.input", "HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_VERSION",
+                   "HTTP_SEC_WEBSOCKET_EXTENSIONS", "HTTP_UPGRADE", "HTTP_CONNECTION",
+                   "HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_ACCEPT_ENCODING")
+
+
+class TransportServer(adapter.EngineServerBase):
+    """python-engineio's server with Droid's WebSocket transport, ping wheel and session
+    queues (`bound`: the slow-consumer bound every session's queue applies)."""
+
+    websocket_opener = _Opener
+    translate_request = staticmethod(translate_request)
+
+    def __init__(self, *args: Any, bound: Bound = Bound(), **kwargs: Any) -> None:
+        self.bound = bound
+        super().__init__(*args, **kwargs)
+        self.ws_transports: dict[str, Transport] = {}
+        self.wheel = PingWheel(self)
+        self._ending: set[asyncio.Task] = set()
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return super().create_queue(*args, **kwargs)
+        return SessionQueue(self.bound)
+
+    def ping_later(self, session: Any) -> None:
+        self.wheel.ping_later(session)
+
+    async def end_session(self, sock: Any, reason: Any, *, abort: bool = True) -> None:
+        """End an Engine.IO session and forget it, never waiting for its client. With `abort`
+        (its transport is gone) no CLOSE packet is sent; without, one is queued, so that a
+        long-poll waiting meanwhile is answered with it."""
+        if not sock.closed:
+            try:
+                await sock.close(wait=False, abort=abort, reason=reason)
+            except Exception:  # closed meanwhile
+                log.debug("closing Engine.IO session %s failed", sock.sid, exc_info=True)
+        if self.sockets.get(sock.sid) is sock:
+            del self.sockets[sock.sid]
+
+    def end_session_soon(self, sock: Any, reason: Any = None, *, abort: bool = False) -> None:
+        """end_session from code that cannot wait."""
+        task = asyncio.get_running_loop().create_task(
+            self.end_session(sock, reason or self.reason.TRANSPORT_ERROR, abort=abort))
+        self._ending.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._ending.discard)
+
+    def session(self, sid: str | None) -> Any:
+        """The Engine.IO session `sid`, or None."""
+        return self.sockets.get(sid) if sid else None
+
+    def transport(self, sid: str) -> Transport | None:
+        return self.ws_transports.get(sid)
