@@ -31,8 +31,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..outage import Outage
 from ..util import dumps, loads
-from .adapter import RedisManagerBase
 from .presence import DEFAULT_PRESENCE_TTL_S, RedisPresence, presence_ttl_s
+from .rooms import IndexedRedisManagerBase
 from .redisconn import UNAVAILABLE, make_redis, redis_tls_verify, stopped_or_cancelled
 from .wire import COUNT_EVENT, NAMESPACE, presence_room
 
@@ -54,7 +54,7 @@ def make_manager(config: Any, redis: aioredis.Redis | None = None) -> "RedisMana
                         instance_id=config.instance_id, presence_ttl_s=presence_ttl_s(config))
 
 
-class RedisManager(RedisManagerBase):
+class RedisManager(IndexedRedisManagerBase):
     """AsyncRedisManager that delivers locally whatever Redis does, and reconnects by itself.
 
     Stock python-socketio 5.18 already delivers an emit locally before publishing it, and its

@@ -20,6 +20,7 @@ from .delivery import Delivery
 from .gateway import EventsGateway
 from .guard import GuardedServer, endpoint_handler, engineio_origins
 from .presence import LocalPresence
+from .rooms import IndexedManager
 from .transport import Bound
 from .handler import tornado_handler
 
@@ -40,10 +41,12 @@ class Realtime:
         droid/realtime/cluster.py), or None when this process holds every socket."""
         self.manager = manager
         self.publisher = publisher
+        # python-socketio's rooms, indexed both ways (droid/realtime/rooms.py)
+        client_manager = manager if manager is not None else IndexedManager()
         bound = Bound(messages=MAX_BACKLOG, bytes=config.max_backlog_bytes,
                       on_shed=(lambda sid: metrics.sockets_shed.inc()) if metrics else None)
         self.sio = GuardedServer(
-            async_mode="tornado", client_manager=manager, namespaces="*",
+            async_mode="tornado", client_manager=client_manager, namespaces="*",
             cors_allowed_origins=engineio_origins(origins), max_http_buffer_size=MAX_PACKET,
             json=OrjsonModule, ping_interval=PING_INTERVAL_S, ping_timeout=PING_TIMEOUT_S,
             logger=False, engineio_logger=False, bound=bound)
