@@ -13,15 +13,12 @@ import uuid
 import engineio
 import pytest
 import socketio
-import tornado.httpserver
 import tornado.iostream
-import tornado.testing
-import tornado.web
-import tornado.websocket
 from engineio import async_socket
 
 from droid.realtime import adapter
 from droid.realtime.engine import TransportServer
+from droid.realtime.websocket import WebSocket
 
 from conftest import wait_until
 from rawsio import RawSocket
@@ -43,99 +40,43 @@ async def _async(value):
 # Tornado ---------------------------------------------------------------------------------------
 
 @pytest.mark.asyncio
-async def test_hook_IOStream_write_buffer():
-    """adapter.buffered: bytes not yet taken by the kernel (the slow-consumer bound)."""
+async def test_hook_IOStream_take_socket():
+    """adapter.take_socket: after the handshake, the socket leaves Tornado's IOStream with the
+    bytes the stream read past the request, and the stream no longer reads from it."""
     a, b = socket.socketpair()
     stream = tornado.iostream.IOStream(a)
-    try:
-        hook("IOStream._write_buffer", hasattr(stream, "_write_buffer"),
-             "the slow-consumer bound no longer sees what Tornado buffers")
-        stream.write(b"x" * (8 * 1024 * 1024))  # more than the socket buffers take
-        hook("IOStream._write_buffer", adapter.buffered(stream) > 0,
-             "adapter.buffered() reads 0 while megabytes wait")
-    finally:
-        stream.close()
-        b.close()
-    hook("IOStream._write_buffer", adapter.buffered(stream) == 0,
-         "a closed stream should count as nothing buffered")
+    for name in ("_read_buffer", "_read_buffer_size", "_state", "socket"):
+        hook(f"IOStream.{name}", hasattr(stream, name),
+             "a WebSocket cannot be taken from Tornado after its handshake")
+    b.sendall(b"GET / HTTP/1.1\r\n\r\n\x81\x85early")
+    head = await stream.read_until(b"\r\n\r\n")
+    await wait_until(lambda: _async(stream._read_buffer_size >= 7), 5)
+    taken = adapter.take_socket(stream)
+    hook("IOStream._read_buffer", taken is not None and taken[1] == b"\x81\x85early",
+         f"the bytes read past the request are lost: {taken and taken[1]!r}")
+    sock, _ = taken
+    hook("IOStream._state", stream._state is None and stream.socket is None,
+         "the stream still holds the socket or its event-loop registration")
+    heard = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().add_reader(sock.fileno(), lambda: heard.done() or
+                                          heard.set_result(sock.recv(100)))
+    b.sendall(b"later")
+    hook("IOStream._state", await asyncio.wait_for(heard, 5) == b"later",
+         "the stream still reads from the socket")
+    asyncio.get_running_loop().remove_reader(sock.fileno())
+    assert head.startswith(b"GET")
+    sock.close()
+    b.close()
 
 
-class _Echo(tornado.websocket.WebSocketHandler):
-    compression = False
-    seen: list = []
-
-    def get_compression_options(self):
-        return {} if self.compression else None
-
-    def open(self):
-        _Echo.seen.append(self)
-
-    def on_message(self, message):
-        self.write_message(message)
-
-
-async def _websocket_pair(compression: bool):
-    handler_class = type("Echo", (_Echo,), {"compression": compression})
-    app = tornado.web.Application([(r"/ws", handler_class)])
-    sock, port = tornado.testing.bind_unused_port()
-    server = tornado.httpserver.HTTPServer(app)
-    server.add_sockets([sock])
-    _Echo.seen = []
-    client = await tornado.websocket.websocket_connect(
-        f"ws://127.0.0.1:{port}/ws", compression_options={} if compression else None)
-    await wait_until(lambda: _async(_Echo.seen))
-    return server, client, _Echo.seen[0]
-
-
-@pytest.mark.parametrize("compression", [False, True])
-@pytest.mark.asyncio
-async def test_hook_WebSocketProtocol13_compressor(compression):
-    """adapter.deflating: pre-built frames are written raw only without per-message deflate."""
-    server, client, handler = await _websocket_pair(compression)
-    try:
-        conn = handler.ws_connection
-        hook("WebSocketProtocol13._compressor", hasattr(conn, "_compressor"),
-             "Droid cannot tell whether deflate was negotiated")
-        hook("WebSocketProtocol13._compressor", adapter.deflating(conn) is compression,
-             f"deflating() says {adapter.deflating(conn)} with compression={compression}")
-    finally:
-        client.close()
-        server.stop()
-
-
-@pytest.mark.asyncio
-async def test_hook_WebSocketProtocol_server_terminated():
-    """adapter.closing: nothing is written after the server's close frame."""
-    server, client, handler = await _websocket_pair(False)
-    try:
-        conn = handler.ws_connection
-        hook("WebSocketProtocol.server_terminated", adapter.closing(conn) is False,
-             "an open WebSocket reads as closing")
-        handler.close(1000)
-        hook("WebSocketProtocol.server_terminated", adapter.closing(conn) is True,
-             "the server's close frame is not seen: frames would follow it")
-    finally:
-        client.close()
-        server.stop()
-
-
-@pytest.mark.asyncio
-async def test_hook_RequestHandler_slim():
-    """adapter.slim: what a WebSocket handler keeps and never reads after open() is dropped, and
-    the connection still works."""
-    server, client, handler = await _websocket_pair(False)
-    try:
-        for name in ("_headers", "_transforms", "ui", "path_args", "path_kwargs", "open_args",
-                     "open_kwargs", "request"):
-            hook(f"RequestHandler.{name}", hasattr(handler, name),
-                 "adapter.slim() drops an attribute Tornado no longer has (memory per socket)")
-        adapter.slim(handler, object())
-        await client.write_message("still there")
-        hook("RequestHandler (slim)", await asyncio.wait_for(client.read_message(), 5)
-             == "still there", "the WebSocket stops working once slimmed")
-    finally:
-        client.close()
-        server.stop()
+def test_hook_tornado_speedups_websocket_mask():
+    """adapter.unmask: Tornado's C unmasking (a pure-Python fallback is used without it)."""
+    hook("tornado.speedups.websocket_mask", adapter._mask is not None,
+         "client frames are unmasked in pure Python (slower)")
+    mask, data = b"\x01\x02\x03\x04", bytes(range(256)) * 3
+    expected = bytes(d ^ mask[i % 4] for i, d in enumerate(data))
+    hook("tornado.speedups.websocket_mask", adapter.unmask(mask, data) == expected,
+         "it no longer unmasks as RFC 6455 5.3 says")
 
 
 # python-engineio -------------------------------------------------------------------------------
@@ -180,8 +121,11 @@ async def test_the_hooks_are_called_where_droid_relies_on_them(droid):
         hook("AsyncSocket._engineio_server_class", isinstance(eio, TransportServer),
              "python-socketio built its own engine server, without Droid's transport")
         (session,) = eio.sockets.values()
-        hook("AsyncServer._async['websocket']", eio.transport(session.sid) is not None,
+        transport = eio.transport(session.sid)
+        hook("AsyncServer._async['websocket']", transport is not None,
              "the WebSocket was not handed to Droid's transport")
+        hook("RequestHandler.detach", isinstance(transport.ws, WebSocket),
+             "the socket was not taken from Tornado after the handshake")
         wheel = [ref() for bucket in eio.wheel.buckets.values() for ref, _ in bucket]
         hook("AsyncSocket._send_ping", session in wheel,
              "the session's ping was not handed to the ping wheel")
@@ -189,8 +133,10 @@ async def test_the_hooks_are_called_where_droid_relies_on_them(droid):
         hook("AsyncSocket._send_ping", not any("_send_ping" in n for n in names),
              "a ping task runs per session")
         environ = droid.sio.environ[session.sid]
-        hook("AsyncServer._async['translate_request']", "tornado.handler" in environ,
-             "the environ was not built by Droid's translate_request")
+        hook("AsyncServer._async['translate_request']", environ.get("REMOTE_ADDR") == "127.0.0.1"
+             and "tornado.handler" not in environ and "wsgi.input" not in environ,
+             "the environ was not built by Droid's translate_request, or not trimmed after the "
+             "handshake")
         hook("AsyncServer._handle_eio_connect", session.queue.session is session,
              "on_session did not run for a new session (its queue cannot shed it)")
         for name in ("connected", "upgrading", "upgraded", "closing", "closed", "last_ping",

@@ -11,10 +11,8 @@ setup.cfg's upper bounds are the releases that test has passed on.
 
 | hook | library | why Droid needs it | could be public upstream |
 |---|---|---|---|
-| `IOStream._write_buffer` | Tornado 6.6 | bytes written to a socket and not yet taken by the kernel: the slow-consumer bound (`buffered`) | yes: a `write_buffer_size()` |
-| `WebSocketProtocol13._compressor` | Tornado 6.6 | whether per-message deflate was negotiated: pre-built frames can only be written raw without it (`deflating`) | yes: a `compression_negotiated` property |
-| `WebSocketProtocol.server_terminated` | Tornado 6.6 | the server's close frame is out: write nothing more (`closing`) | it is public-looking but undocumented |
-| `RequestHandler._headers`, `_transforms`, `ui`, `path_args`, `open_args` | Tornado 6.6 | what a WebSocket handler keeps for its whole life after `open()` and never reads again (`slim`) | a WebSocketHandler option to free the request |
+| `IOStream._read_buffer`, `_read_buffer_size`, `_state`, `socket` | Tornado 6.6 | after the WebSocket handshake (`RequestHandler.detach()`, public, gives the IOStream), the socket is served by droid/realtime/websocket.py without the stream: the bytes the stream read past the request, and its event-loop registration to remove (`take_socket`) | yes: an `IOStream.release()` returning the socket and the buffered bytes |
+| `tornado.speedups.websocket_mask` | Tornado 6.6 | unmasking client frames in C (`unmask`; a pure-Python fallback otherwise) | it is importable, undocumented |
 | `AsyncServer._async` (the driver table) | python-engineio 4.15 | its `websocket` entry is what a session calls to serve a WebSocket (Droid's transport attaches there), its `translate_request` entry builds each request's environ (here without a class object per request) | yes: a transport factory parameter |
 | `AsyncSocket._send_ping` | python-engineio 4.15 | the one background task each session starts (`start_background_task(self._send_ping)`, after every PONG): Droid's ping wheel takes its place instead of a sleeping task per socket | yes: a pluggable ping scheduler |
 | `AsyncServer._engineio_server_class` | python-socketio 5.18 | which Engine.IO server class python-socketio builds (Droid's, with its transport) | yes: an `engineio_server_class` parameter |
@@ -31,11 +29,11 @@ Public but undocumented attributes used as they are, also checked by the test: a
 """
 from __future__ import annotations
 
+import socket
 from typing import Any, Awaitable, Callable, Coroutine
 
 import engineio
 import socketio
-import tornado.websocket
 from engineio import async_socket
 from tornado.iostream import IOStream
 
@@ -46,39 +44,34 @@ PING_TASK = getattr(async_socket.AsyncSocket, "_send_ping", None)
 
 # Tornado ---------------------------------------------------------------------------------------
 
-def buffered(stream: IOStream | None) -> int:
-    """Bytes written to `stream` that the kernel has not taken yet (0 once it is closed)."""
-    buffer = getattr(stream, "_write_buffer", None)
-    return len(buffer) if buffer is not None else 0
+def take_socket(stream: IOStream) -> tuple[socket.socket, bytes] | None:
+    """The socket of a detached, flushed IOStream, with the bytes it had read past the request,
+    for droid/realtime/websocket.py to serve; the stream lets go of it (its event-loop
+    registration removed, so that it neither reads from it nor keeps it). None when the peer
+    has gone meanwhile."""
+    if stream.closed():
+        return None
+    leftover = bytes(stream._read_buffer[:stream._read_buffer_size])
+    if stream._state is not None:
+        stream.io_loop.remove_handler(stream.fileno())
+        stream._state = None
+    sock = stream.socket
+    stream.socket = None  # type: ignore[assignment]
+    return sock, leftover
 
 
-def deflating(conn: tornado.websocket.WebSocketProtocol) -> bool:
-    """True when per-message deflate was negotiated on this WebSocket."""
-    return getattr(conn, "_compressor", None) is not None
+try:
+    from tornado.speedups import websocket_mask as _mask
+except ImportError:  # Tornado built without its C extension
+    _mask = None
 
 
-def closing(conn: tornado.websocket.WebSocketProtocol) -> bool:
-    """True once the server's close frame has been sent (nothing may follow it)."""
-    return bool(conn.server_terminated)
-
-
-def slim(handler: tornado.websocket.WebSocketHandler, request: Any) -> None:
-    """Drop what a WebSocket handler keeps for its life and never reads after open(); `request`
-    replaces the request (enough of it for log lines). Its get() coroutine holds the request
-    headers in a local until the connection ends, so they are emptied rather than dropped."""
-    old = handler.request
-    handler.request = request
-    headers = old.headers
-    for name, value in list(vars(headers).items()):
-        if isinstance(value, dict):  # its field maps: new empty ones free the old
-            setattr(headers, name, {})
-    old.body = b""
-    old.arguments = old.query_arguments = old.body_arguments = {}
-    handler.ui = None  # type: ignore[assignment]
-    handler._headers = None  # type: ignore[assignment]
-    handler.path_args = handler.path_kwargs = None  # type: ignore[assignment]
-    handler.open_args = handler.open_kwargs = None  # type: ignore[assignment]
-    handler._transforms = None  # type: ignore[assignment]
+def unmask(mask: bytes, data: bytes) -> bytes:
+    """A client frame's payload, unmasked (RFC 6455 5.3): Tornado's C function when it has it."""
+    if _mask is not None:
+        return _mask(mask, data)
+    key = int.from_bytes((mask * (len(data) // 4 + 1))[:len(data)], "big")
+    return (int.from_bytes(data, "big") ^ key).to_bytes(len(data), "big")
 
 
 # python-engineio -------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class Realtime:
         self.gateway = EventsGateway(self.sio, tokens, self.delivery, self.presence,
                                      metrics=metrics, counts_by_room=manager is not None)
         base = tornado_handler(self.sio.eio, compression=config.ws_compression)
-        self.handler = _tracked(endpoint_handler(base, self.sio.eio, origins))
+        self.handler = endpoint_handler(base, self.sio.eio, origins)
 
     def socket_count(self) -> int:
         """Live /events sockets in this process."""
@@ -75,8 +75,8 @@ class Realtime:
         """Close every connection, so that clients reconnect (to another process)."""
         # python-socketio's shutdown stops its background tasks but leaves WebSocket
         # connections open.
-        for handler in list(self.handler.live):
-            handler.close(1001, "server shutting down")
+        for transport in list(self.sio.eio.ws_transports.values()):
+            transport.close(1001, "server shutting down")
         try:
             await asyncio.wait_for(self.sio.shutdown(), 5)
         except Exception:
@@ -87,20 +87,3 @@ class Realtime:
         await self.presence.stop()
         if self.manager is not None:
             await self.manager.close()
-
-
-def _tracked(base: type) -> type:
-    """The handler class, knowing its open WebSocket connections (closed at shutdown)."""
-
-    class Handler(base):  # type: ignore[misc, valid-type]
-        live: set = set()
-
-        async def open(self, *args: Any, **kwargs: Any) -> None:
-            Handler.live.add(self)
-            await super().open(*args, **kwargs)
-
-        def on_close(self) -> None:
-            Handler.live.discard(self)
-            super().on_close()
-
-    return Handler

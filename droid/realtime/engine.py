@@ -17,8 +17,9 @@ log = logging.getLogger("droid.transport")
 
 
 class _Opener:
-    """What a session calls to serve a WebSocket request (the driver's `websocket` entry):
-    attaches a Transport and returns at once, so that no task stays behind."""
+    """What a session calls to serve a WebSocket request (the driver's `websocket` entry), once
+    python-engineio has accepted it: answers the handshake (droid/realtime/handler.py), attaches
+    a Transport to the WebSocket and returns, so that no task stays behind."""
 
     __slots__ = ("socket", "server")
 
@@ -27,21 +28,29 @@ class _Opener:
         self.server = server
 
     async def __call__(self, environ: dict) -> None:
-        handler = environ["tornado.handler"]
-        if getattr(handler, "ws_connection", None) is None:
+        handler = environ.get("tornado.handler")
+        if handler is None or not hasattr(handler, "accept_websocket"):
             return None
+        accepted = await handler.accept_websocket(self.server.max_http_buffer_size)
         # python-socketio keeps this environ for the socket's life (a direct WebSocket's is the
-        # handshake's): the request body reader and the WebSocket handshake's own headers are of
-        # no use after it.
-        for key in _HANDSHAKE_ONLY:
-            environ.pop(key, None)
-        Transport(self.server, self.socket, handler).attach()
+        # handshake's): what only the handshake needed goes, the handler above all (its request,
+        # headers and connection would otherwise live as long as the socket).
+        kept = {key: environ[key] for key in _KEPT if key in environ}
+        environ.clear()
+        environ.update(kept)
+        if accepted is None:  # the client left during the handshake
+            return None
+        ws, leftover = accepted
+        transport = Transport(self.server, self.socket, ws)
+        transport.attach()
+        ws.start(transport, leftover)
         return None
 
 
-_HANDSHAKE_ONLY = ("wsgi.input", "HTTP_SEC_WEBSOCKET_KEY", "HTTP_SEC_WEBSOCKET_VERSION",
-                   "HTTP_SEC_WEBSOCKET_EXTENSIONS", "HTTP_UPGRADE", "HTTP_CONNECTION",
-                   "HTTP_CACHE_CONTROL", "HTTP_PRAGMA", "HTTP_ACCEPT_ENCODING")
+# What of a WebSocket session's environ is read after the handshake (by python-socketio, the
+# gateway and its log lines).
+_KEPT = ("REQUEST_METHOD", "QUERY_STRING", "PATH_INFO", "REMOTE_ADDR", "HTTP_HOST",
+         "HTTP_ORIGIN", "HTTP_USER_AGENT", "HTTP_AUTHORIZATION", "wsgi.url_scheme")
 
 
 class TransportServer(adapter.EngineServerBase):
@@ -54,7 +63,7 @@ class TransportServer(adapter.EngineServerBase):
     def __init__(self, *args: Any, bound: Bound = Bound(), **kwargs: Any) -> None:
         self.bound = bound
         super().__init__(*args, **kwargs)
-        self.ws_transports: dict[str, Transport] = {}
+        self.ws_transports: dict[str, Transport] = {}  # every attached WebSocket, by session
         self.wheel = PingWheel(self)
         self._ending: set[asyncio.Task] = set()
 

@@ -25,7 +25,8 @@ class _Payload:
 
 
 def translate_request(handler: Any) -> dict:
-    """python-engineio's Tornado `translate_request` (4.15), with a module-level body reader."""
+    """python-engineio's Tornado `translate_request` (4.15), with a module-level body reader and
+    the client's address (python-engineio's puts a fixed 127.0.0.1)."""
     request = handler.request
     path = request.path
     query = request.query or ""
@@ -42,7 +43,7 @@ def translate_request(handler: Any) -> dict:
         "QUERY_STRING": query,
         "RAW_URI": path + "?" + query if query else path,
         "SERVER_PROTOCOL": "HTTP/%s" % request.version,
-        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_ADDR": request.remote_ip or "?",  # the client's, behind trusted proxies too
         "REMOTE_PORT": "0",
         "SERVER_NAME": "aiohttp",
         "SERVER_PORT": "0",

@@ -98,9 +98,7 @@ def _last_seq(value: Any) -> int | None:
 
 
 def _peer(environ: dict) -> str:
-    # python-engineio's Tornado driver puts a fixed REMOTE_ADDR in environ; ask Tornado instead.
-    handler = environ.get("tornado.handler")
-    return getattr(getattr(handler, "request", None), "remote_ip", None) or "?"
+    return environ.get("REMOTE_ADDR") or "?"  # the client's (droid/realtime/environ.py)
 
 
 class EventsGateway:

@@ -140,13 +140,6 @@ def endpoint_handler(base: type, eio: TransportServer, origins: Origins) -> type
             self.request.body = body
             await super().post(*args, **kwargs)
 
-        def on_connection_close(self) -> None:
-            super().on_connection_close()
-            if self.streaming_body:  # a POST whose body was streaming
-                # WebSocketHandler's on_connection_close does not end the wait for the rest of
-                # a streamed body; RequestHandler's does.
-                tornado.web.RequestHandler.on_connection_close(self)
-
     return Handler
 
 

@@ -40,15 +40,21 @@ class LocalPresence:
 
     def __init__(self) -> None:
         self._sockets: dict[str, set[str]] = collections.defaultdict(set)
+        self._total = 0
 
     async def add(self, user_id: str, sid: str) -> int:
-        self._sockets[user_id].add(sid)
-        return len(self._sockets[user_id])
+        sids = self._sockets[user_id]
+        if sid not in sids:
+            sids.add(sid)
+            self._total += 1
+        return len(sids)
 
     async def remove(self, user_id: str, sid: str) -> int:
         sids = self._sockets.get(user_id)
         if sids is not None:
-            sids.discard(sid)
+            if sid in sids:
+                sids.discard(sid)
+                self._total -= 1
             if not sids:
                 del self._sockets[user_id]
         return len(sids or ())
@@ -57,7 +63,7 @@ class LocalPresence:
         return len(self._sockets.get(user_id, ()))
 
     async def total(self) -> int:
-        return sum(len(s) for s in self._sockets.values())
+        return self._total
 
     async def start(self) -> None:
         pass

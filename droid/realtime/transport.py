@@ -1,43 +1,34 @@
-"""Droid's Engine.IO 4 WebSocket transport, driven by Tornado's callbacks.
+"""Droid's Engine.IO 4 WebSocket transport.
 
-It owns every WebSocket of the Socket.IO endpoint, whether the client opened on a WebSocket or
-upgraded to one from long-polling: the Tornado handler (`tornado_handler`), the probe/upgrade
-exchange on the WebSocket side, reading frames, writing packets and pre-encoded frames
-(`Transport`), and closing. python-socketio still decides connect, namespaces, events and acks
-(every MESSAGE goes to the session's `receive`, as python-engineio's own WebSocket loop hands
-it), and python-engineio still owns the session, its queue while no WebSocket is attached
-(droid/realtime/queue.py), the handshake and long-polling, including the polling side of an
-upgrade. The engine server is droid/realtime/engine.py, pings droid/realtime/pings.py; what goes
-under the libraries is droid/realtime/adapter.py's.
+It carries every Engine.IO session over a WebSocket of the Socket.IO endpoint, whether the client
+opened on a WebSocket or upgraded to one from long-polling: the probe/upgrade exchange on the
+WebSocket side, reading messages, writing packets and pre-encoded frames (`Transport`), and
+closing. The WebSocket itself is droid/realtime/websocket.py's, the engine server and the
+handshake droid/realtime/engine.py's, pings droid/realtime/pings.py's. python-socketio still
+decides connect, namespaces, events and acks (every MESSAGE goes to the session's `receive`, as
+python-engineio's own WebSocket loop hands it), and python-engineio still owns the session, the
+Engine.IO handshake and long-polling, including the polling side of an upgrade.
 
 **Each session's queue** (`SessionQueue`, given to every session through python-engineio's
 public `create_queue` hook) is the one door of what is written to it: python-engineio's packets
 (the OPEN packet, python-socketio's CONNECT answers and acks, pings) and Delivery's pre-encoded
 frames (`send_frames`). While the session has no live WebSocket (long-polling, or an upgrade not
 finished) it holds packets for the next poll; once the transport is live, everything is written
-at once instead.
+at once instead: no writer task, and with nothing waiting before it, straight to the socket.
 
 **The slow-consumer bound** is checked there, once per write, whatever wrote: a session with
 more than `Bound.messages` messages, or more than `Bound.bytes` bytes, not yet taken by its
-client (queued, or written to the WebSocket and still in Tornado's buffer) is shed: one WARNING
-line, one `on_shed` call (the metric), and its connection ends; the client can come back and
-resume with `lastSeq`. Bytes are counted before the message being written, so that one large
+client (queued, or written to the WebSocket and not yet taken by the kernel) is shed: one
+WARNING line, one `on_shed` call (the metric), and its connection ends; the client can come back
+and resume with `lastSeq`. Bytes are counted before the message being written, so that one large
 message alone never trips the bound: a session holds at most the bound plus one message.
 
 **Why not python-engineio's WebSocket loop**: it keeps, per socket, a read-loop task whose
 `wait_for` adds a task and a timer per received frame, a writer task, a ping task sleeping 25 s,
 and a Tornado handler with an asyncio receive queue; that was most of an idle socket's memory
-and of a connection's cost (bench/RESULTS.md). Here:
-
-- `on_message` hands each frame on at once: no receive queue, and no task unless its handling
-  has to wait (`run_eager`).
-- No writer task: a packet is written to Tornado's stream when it is sent (with nothing buffered
-  yet, straight to the socket); the IOStream's own write handler, registered only while bytes
-  wait, is the writer that exists only while packets wait. Packets sent before the WebSocket is
-  live (the OPEN packet, anything sent while an upgrade is probed) wait in the session's queue
-  and are written, in order, when it is.
-- After `open()`, the handler drops what Tornado keeps for the request's sake: `_SlimRequest`
-  keeps what logging and the gateway read.
+and of a connection's cost (bench/RESULTS.md). Here `on_message` hands each message on at once:
+no receive queue, and no task unless its handling has to wait (`run_eager`; the WebSocket reads
+nothing more until it is done, so messages are still handled in order).
 """
 from __future__ import annotations
 
@@ -46,23 +37,18 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
-import tornado.websocket
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
-from tornado.iostream import IOStream, StreamClosedError
 
-from . import adapter
-from .eager import run_eager, spawn_logged
 from ..config import MAX_BACKLOG, MAX_BACKLOG_BYTES
+from .eager import run_eager, spawn_logged
 from .queue import LeanQueue
-from .wire import Frames, frame_refusal, ws_frame
+from .websocket import WebSocket
+from .wire import Frames, frame_refusal
 
 log = logging.getLogger("droid.transport")
 
 PROBING, UPGRADING, OPEN, CLOSED = "probing", "upgrading", "open", "closed"
-# Nagle's algorithm off on every WebSocket, as Node's servers do: the handshake and each event are
-# small writes that must not wait for the peer's (delayed) acknowledgement of the previous one.
-NODELAY = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,20 +143,15 @@ class SessionQueue(LeanQueue):
 
 
 class Transport:
-    """One Engine.IO session's WebSocket."""
+    """One Engine.IO session's WebSocket (droid/realtime/websocket.py)."""
 
-    __slots__ = ("server", "socket", "handler", "conn", "stream", "state", "raw", "_closing")
+    __slots__ = ("server", "socket", "ws", "state", "_closing")
 
-    def __init__(self, server: Any, socket: Any, handler: Any) -> None:
+    def __init__(self, server: Any, socket: Any, ws: WebSocket) -> None:
         self.server = server
         self.socket = socket
-        self.handler = handler
-        self.conn = handler.ws_connection
-        self.stream = self.conn.stream
+        self.ws: WebSocket | None = ws
         self.state = OPEN
-        # frames built here go straight to the stream; with per-message deflate negotiated
-        # Tornado must compress them
-        self.raw = not adapter.deflating(self.conn)
         self._closing = False
 
     @property
@@ -180,14 +161,8 @@ class Transport:
     # opening
 
     def attach(self) -> None:
-        if NODELAY:
-            try:
-                self.stream.set_nodelay(True)
-            except OSError:  # closed meanwhile: on_close follows
-                pass
         sock = self.socket
         self.server.ws_transports[sock.sid] = self
-        self.handler.transport = self
         if sock.connected:  # opened with long-polling: this is an upgrade, probe first
             sock.upgrading = True  # python-engineio answers polls with NOOP from now on
             self.state = PROBING
@@ -261,50 +236,27 @@ class Transport:
             self.close(1000)
 
     def send_frames(self, frames: Frames) -> None:
-        """Write pre-built Engine.IO MESSAGE frames (through Tornado when it must compress)."""
-        if not self.live:
+        """Write pre-built Engine.IO MESSAGE frames (compressed one by one when the WebSocket
+        negotiated deflate)."""
+        ws = self.ws
+        if not self.live or ws is None:
             return
-        if self.raw:
-            self._write_raw(frames.ws_bytes)
-        else:
+        if ws.deflate:
             for text in frames.texts:
-                self._write(b"4" + text, 0x1)
+                ws.send_message(b"4" + text)
+        else:
+            ws.send_raw(frames.ws_bytes)
 
     def _write(self, payload: bytes, opcode: int) -> None:
-        if self._closing or self.state is CLOSED:
+        ws = self.ws
+        if self._closing or self.state is CLOSED or ws is None:
             return
-        if self.raw:
-            self._write_raw(ws_frame(payload, opcode))
-            return
-        try:
-            self.conn.write_message(payload, binary=opcode == 0x2)
-        except tornado.websocket.WebSocketClosedError:
-            return
-
-    def _write_raw(self, data: bytes) -> None:
-        stream = self.stream
-        if stream.closed() or adapter.closing(self.conn):
-            return
-        if not adapter.buffered(stream) and type(stream) is IOStream:
-            # Nothing waits before it: one send(), and no Future, when the kernel takes it all.
-            try:
-                sent = stream.socket.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.abort()
-                return
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-        try:
-            stream.write(data)
-        except StreamClosedError:
-            return
+        ws.send_message(payload, binary=opcode == 0x2)
 
     def buffered(self) -> int:
         """Bytes written to this socket that have not reached the kernel yet."""
-        return adapter.buffered(self.stream)
+        ws = self.ws
+        return ws.buffered() if ws is not None else 0
 
     # closing
 
@@ -313,19 +265,18 @@ class Transport:
         if self._closing or self.state is CLOSED:
             return
         self._closing = True
-        handler = self.handler
-        if handler is not None and handler.ws_connection is not None:
-            handler.close(code, reason)
+        if self.ws is not None:
+            self.ws.close(code, reason or "")
 
     def abort(self) -> None:
         """Drop the connection now: no close handshake (the client is not reading, or gone)."""
         self._closing = True
-        if self.stream is not None and not self.stream.closed():
-            self.stream.close()
+        if self.ws is not None:
+            self.ws.abort()
 
     def on_close(self) -> None:
-        """Tornado says the connection is gone: end the Engine.IO session unless it continues
-        over long-polling (a failed upgrade)."""
+        """The WebSocket is gone: end the Engine.IO session unless it continues over
+        long-polling (a failed upgrade)."""
         if self.state is CLOSED:
             return
         was, self.state = self.state, CLOSED
@@ -334,15 +285,15 @@ class Transport:
             del server.ws_transports[sock.sid]
         if sock.queue.transport is self:
             sock.queue.transport = None
-        self.handler = self.conn = self.stream = None
+        self.ws = None
         if was in (PROBING, UPGRADING):
             sock.upgrading = False
             return
         spawn_logged(server.end_session(sock, server.reason.TRANSPORT_CLOSE), "closing a session")
 
     def _peer(self) -> str:
-        handler = self.handler
-        return getattr(getattr(handler, "request", None), "remote_ip", "?")
+        ws = self.ws
+        return ws.peer if ws is not None else "?"
 
 
-__all__ = ["Bound", "SessionQueue", "Transport", "NODELAY"]
+__all__ = ["Bound", "SessionQueue", "Transport"]

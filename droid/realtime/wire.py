@@ -27,15 +27,17 @@ def presence_room(user_id: str) -> str:
     return f"sockets:{user_id}"
 
 
-def ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One unfragmented, unmasked WebSocket frame (RFC 6455 5.2), as a server sends it."""
+def ws_frame(payload: bytes, opcode: int = 0x1, *, rsv1: bool = False) -> bytes:
+    """One unfragmented, unmasked WebSocket frame (RFC 6455 5.2), as a server sends it; `rsv1`
+    marks a compressed message (RFC 7692)."""
+    first = 0x80 | opcode | (0x40 if rsv1 else 0)
     size = len(payload)
     if size < 126:
-        head = struct.pack("!BB", 0x80 | opcode, size)
+        head = struct.pack("!BB", first, size)
     elif size <= 0xFFFF:
-        head = struct.pack("!BBH", 0x80 | opcode, 126, size)
+        head = struct.pack("!BBH", first, 126, size)
     else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 127, size)
+        head = struct.pack("!BBQ", first, 127, size)
     return head + payload
 
 
