@@ -2,14 +2,19 @@
 
 The launcher wraps `droid.app.make_app` so that the application it builds also serves:
 
-    POST /bench/emit   {count, users, start?, rate?, event?}: emits `count` envelopes to the
-                       rooms user:bench-user-{(start + i) % users} through Droid's real delivery
-                       path, EventsService._emit (the specific event, then `task.event`), with
-                       envelopes built as EventsService.publish builds non-durable ones (no
-                       MongoDB: this measures fan-out). As fast as possible (rate 0) or paced at
+    POST /bench/emit   {count, users, start?, rate?, event?, stamp?}: publishes `count`
+                       events to the users bench-user-{(start + i) % users} through Droid's real
+                       path, `droid.events` (droid/tasks/publisher.py's EventsService) .publish
+                       with durable=False: an envelope built as for a stored one but neither
+                       numbered nor stored (this measures fan-out, not the store), handed to the
+                       real-time Delivery, which writes the specific event, then `task.event`, to
+                       each of the user's sockets. As fast as possible (rate 0) or paced at
                        `rate` per second; data.sentAt is the emit time on CLOCK_MONOTONIC in ms
-                       (the load generator reads the same clock). Answers {emitted, elapsedMs,
-                       maxLagMs} once all are emitted.
+                       (the load generator reads the same clock). With stamp "due" (and a rate),
+                       data.sentAt is moved back by how late the event left its pace beyond
+                       TIMER_SLACK_MS, so that a loop too busy to publish on time counts in the
+                       latency, and the emit time is in data.publishedAt. Answers {emitted,
+                       elapsedMs, maxLagMs} once all are emitted.
     GET  /bench/stats  {sockets, engineSockets, gc: {count, totalMs, maxMs, byGeneration}}
                        (?reset=1 zeroes the gc figures after reading them; ?objects=1 adds the
                        live AsyncSocket / WebSocketHandler / IOStream / Task objects, slow)
@@ -39,6 +44,10 @@ import droid.app as droid_app
 from droid.util import now_iso
 
 TASK_ID = "6f1c2e7a-0000-4000-8000-00000000beef"
+# A timer of either runtime fires up to ~1 ms off its time (both are millisecond-grained: asyncio
+# rounds epoll's timeout up, libuv counts whole ms), so lateness up to this much is the timer's,
+# not a busy loop's: stamp "due" leaves it out (the same constant is in reference/server.js).
+TIMER_SLACK_MS = 1.0
 AGENT_ID = "00000000-0000-4000-8000-000000000001"
 
 
@@ -102,22 +111,28 @@ class EmitHandler(BenchHandler):
         start = int(params.get("start", 0))
         rate = float(params.get("rate", 0) or 0)
         event = str(params.get("event", "task.processing"))
+        due_stamp = params.get("stamp") == "due"
         publish = self.droid.events.publish
         t0 = _mono_ms()
         max_lag = 0.0
         interval = 1000.0 / rate if rate else 0.0
+        lag = 0.0
         for i in range(count):
             if rate:
                 due = t0 + i * interval
                 wait = due - _mono_ms()
                 if wait > 0:
                     await asyncio.sleep(wait / 1000.0)
-                max_lag = max(max_lag, _mono_ms() - due)
+                lag = _mono_ms() - due
+                max_lag = max(max_lag, lag)
             user_id = f"bench-user-{(start + i) % users}"
             now = now_iso()
             data = {"taskId": TASK_ID, "userId": user_id, "agentId": AGENT_ID,
                     "status": "processing", "retryCount": 0, "startedAt": now, "updatedAt": now,
                     "i": i, "sentAt": _mono_ms()}
+            if due_stamp and rate:
+                data["publishedAt"] = data["sentAt"]
+                data["sentAt"] -= max(0.0, lag - TIMER_SLACK_MS)
             await publish(user_id, event, data, durable=False)
         self.reply({"emitted": count, "elapsedMs": _mono_ms() - t0, "maxLagMs": max_lag})
 
@@ -129,7 +144,8 @@ class StatsHandler(BenchHandler):
                 "gc": GC_PAUSES.snapshot()}
         if self.get_query_argument("objects", None):
             # live objects per type of the socket stack, closed ones included (slow: on demand)
-            names = ("AsyncSocket", "WebSocketHandler", "WebSocketProtocol13", "IOStream", "Task")
+            names = ("AsyncSocket", "Transport", "WebSocketHandler", "WebSocketProtocol13",
+                     "IOStream", "Task")
             counts = dict.fromkeys(names, 0)
             for obj in gc.get_objects():
                 for cls in type(obj).__mro__:
