@@ -410,6 +410,9 @@ def main() -> None:
                 except Exception as exc:  # keep going: one failure should not lose the rest
                     failures.append(f"{tag}: {exc}")
                     log(f"FAILED {tag}: {exc}")
+                # what is measured so far survives an interrupted run
+                (logs / "partial.json").write_text(json.dumps({"params": p, "raw": raw,
+                                                                "failures": failures}, indent=1))
     elapsed = time.monotonic() - started
     uptime1 = Path("/proc/loadavg").read_text().split()[:3]
     figures = {kind: {str(n): {key: median([scale_report.figure(key, r) for r in raw[kind][str(n)]])
