@@ -181,6 +181,8 @@ def machine() -> dict:
     dirty = version(["git", "-C", str(ROOT), "status", "--porcelain", "--", "droid"]) != ""
     return {
         "droidCommit": commit, "droidUncommittedChanges": dirty,
+        # the last commit that changed droid/ (HEAD may add only bench or docs commits)
+        "droidCodeCommit": code_commit(commit),
         "droidSourceSha256": digest.hexdigest()[:16],
         "cpu": model, "cpus": os.cpu_count(), "memGb": round(mem_kb / 1024 / 1024, 1),
         "kernel": platform.release(), "python": version([python_for_droid(), "--version"]),
@@ -200,6 +202,15 @@ def machine() -> dict:
 
 # ------------------------------------------------------------------------------------------
 # processes
+
+
+def code_commit(commit: str) -> str:
+    """The last commit at or before `commit` that changed droid/."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", commit, "--",
+                               "droid"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
 
 
 class Server:

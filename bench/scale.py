@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (BENCH, LOADGEN_CPU, NATIVE, NOISE_PCT, PRIORITY, RESULTS, SECRET,
-                     SERVER_CPU, SERVERS, Server, check_tools, core_busy_s, cpu_pin,
+                     SERVER_CPU, SERVERS, Server, check_tools, code_commit, core_busy_s, cpu_pin,
                      ensure_node_packages, favoured, log, machine, median, process_cpu_s,
                      raise_fd_limit, read_line, realtime, rss_kb, wait_quiet)
 import scale_report
@@ -351,6 +351,25 @@ def measure(kind: str, n: int, p: dict, logs: Path, tag: str) -> dict:
     return phases
 
 
+def replot(path: Path, folder: Path | None) -> None:
+    saved = json.loads(path.read_text())
+    sizes = saved["params"]["sizes"]
+    servers = [s for s in SERVERS if any(saved["raw"][s][str(n)] for n in sizes)]
+    text, _ = scale_report.table(saved["figures"], sizes, servers)
+    print(saved["header"])
+    print(text)
+    for w in saved["warnings"]:
+        print(f"WARNING: {w}")
+    info = saved["machine"]
+    info.setdefault("droidCodeCommit", code_commit(info["droidCommit"]))
+    caption = (f"{saved['date'][:10]} droid {info['droidCodeCommit']}"
+               f"{'+' if info['droidUncommittedChanges'] else ''}, bench/scale.py"
+               f"{' --quick' if saved['command'].count('--quick') else ''}")
+    made = scale_report.plots(saved["figures"], sizes, servers, folder or path.with_suffix(""),
+                              caption)
+    log(f"{len(made)} plots in {folder or path.with_suffix('')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -366,7 +385,13 @@ def main() -> None:
                     help="do not raise the bench processes' priority")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/<time>-scale.json)")
     ap.add_argument("--plots", type=Path, help="folder of the PNGs (default: beside the JSON)")
+    ap.add_argument("--replot", type=Path, metavar="JSON",
+                    help="measure nothing: print the table and draw the plots of a JSON written "
+                         "by an earlier run (into --plots, default beside that JSON)")
     args = ap.parse_args()
+    if args.replot:
+        replot(args.replot, args.plots)
+        return
 
     p = dict(QUICK if args.quick else FULL)
     if args.sizes:
@@ -419,7 +444,8 @@ def main() -> None:
                                for key in scale_report.KEYS}
                       for n in p["sizes"]} for kind in SERVERS}
     info = machine()
-    header = (f"{dt.datetime.now():%Y-%m-%d %H:%M} - droid {info['droidCommit']}"
+    header = (f"{dt.datetime.now():%Y-%m-%d %H:%M} - droid {info['droidCodeCommit']} "
+              f"(HEAD {info['droidCommit']})"
               f"{' + uncommitted changes' if info['droidUncommittedChanges'] else ''} "
               f"(source {info['droidSourceSha256']}); {info['cpus']} x {info['cpu']}, "
               f"{info['python']}, node {info['node']}, socket.io {info['socketio']}; "
@@ -434,7 +460,7 @@ def main() -> None:
     out = args.out or RESULTS / f"{stamp}-scale{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = args.plots or out.with_suffix("")
-    caption = (f"{dt.datetime.now():%Y-%m-%d} droid {info['droidCommit']}"
+    caption = (f"{dt.datetime.now():%Y-%m-%d} droid {info['droidCodeCommit']}"
                f"{'+' if info['droidUncommittedChanges'] else ''}, bench/scale.py"
                f"{' --quick' if args.quick else ''}, {args.runs} run(s)")
     made = scale_report.plots(figures, p["sizes"], servers, plots, caption)

@@ -171,10 +171,17 @@ def plots(figures: dict, sizes: list[int], servers: list[str], folder: Path,
                     color="grey", label="asked for (10%/s)")
         ax.set_xlabel("sockets connected")
         ax.set_ylabel(unit)
-        ax.set_title(label + (" (higher is better)" if better == "higher" else ""))
+        values = [v for vs in series.values() for v in vs if isinstance(v, (int, float)) and v > 0]
+        # servers that differ a hundredfold: a linear axis would flatten the lower ones to zero
+        log_scale = len(values) > 1 and max(values) / min(values) > 50
+        ax.set_title(label + (" (higher is better)" if better == "higher" else "")
+                     + (", log scale" if log_scale else ""))
         ax.set_xticks(sizes)
         ax.set_xticklabels([f"{n:,}" for n in sizes])
-        ax.set_ylim(bottom=0)
+        if log_scale:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.text(0.01, 0.005, caption[:150], fontsize=5, color="grey")
