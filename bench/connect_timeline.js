@@ -19,11 +19,8 @@
  */
 "use strict";
 
-const crypto = require("crypto");
 const fs = require("fs");
-const net = require("net");
-const path = require("path");
-const jwt = require(path.join(__dirname, "reference", "node_modules", "jsonwebtoken"));
+const { RawSocket, now, sign } = require("./rawclient");
 
 const [port, n, concurrency] = process.argv.slice(2, 5).map(Number);
 const [secret, serverPid] = [process.argv[5], process.argv[6]];
@@ -31,10 +28,8 @@ if (!port || !n || !concurrency || !secret) {
   console.error("usage: node connect_timeline.js PORT SOCKETS CONCURRENCY JWT_SECRET [SERVER_PID]");
   process.exit(2);
 }
-const now = () => Number(process.hrtime.bigint()) / 1e6;
 const users = Math.max(1, Math.floor(n / 2));
-const tokens = Array.from({ length: users }, (_, u) =>
-  jwt.sign({ sub: `timeline-user-${u}` }, secret, { algorithm: "HS256", expiresIn: "1h" }));
+const tokens = Array.from({ length: users }, (_, u) => sign(`timeline-user-${u}`, secret, "1h"));
 
 function serverCpuMs() {
   if (!serverPid) return 0;
@@ -43,81 +38,13 @@ function serverCpuMs() {
   return (Number(f[11]) + Number(f[12])) * 10; // clock ticks of 10 ms
 }
 
-/** One client text frame (masked, as RFC 6455 requires of clients). */
-function frame(text) {
-  const payload = Buffer.from(text);
-  const mask = crypto.randomBytes(4);
-  let head;
-  if (payload.length < 126) {
-    head = Buffer.from([0x81, 0x80 | payload.length]);
-  } else {
-    head = Buffer.alloc(4);
-    head[0] = 0x81;
-    head[1] = 0x80 | 126;
-    head.writeUInt16BE(payload.length, 2);
-  }
-  for (let i = 0; i < payload.length; i++) payload[i] ^= mask[i & 3];
-  return Buffer.concat([head, mask, payload]);
-}
-
 const timings = [];
 let reads = 0;
 
-function connectOne(i) {
-  return new Promise((resolve, reject) => {
-    const t = { start: now() };
-    const s = net.connect(port, "127.0.0.1");
-    s.setNoDelay(true);
-    let buf = Buffer.alloc(0);
-    let upgraded = false;
-    s.on("connect", () => {
-      t.tcp = now();
-      const key = crypto.randomBytes(16).toString("base64");
-      s.write(`GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n` +
-        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" +
-        `Sec-WebSocket-Key: ${key}\r\n\r\n`);
-    });
-    s.on("data", (d) => {
-      reads += 1;
-      buf = Buffer.concat([buf, d]);
-      if (!upgraded) {
-        const end = buf.indexOf("\r\n\r\n");
-        if (end < 0) return;
-        if (!buf.subarray(0, 12).toString().endsWith("101")) {
-          reject(new Error(`no 101: ${buf.subarray(0, 40).toString()}`));
-          return;
-        }
-        upgraded = true;
-        t.head = now();
-        buf = buf.subarray(end + 4);
-      }
-      while (buf.length >= 2) {
-        let len = buf[1] & 0x7f;
-        let off = 2;
-        if (len === 126) {
-          if (buf.length < 4) return;
-          len = buf.readUInt16BE(2);
-          off = 4;
-        }
-        if (buf.length < off + len) return;
-        const text = buf.subarray(off, off + len).toString();
-        buf = buf.subarray(off + len);
-        if (text[0] === "0" && t.open === undefined) {
-          t.open = now();
-          s.write(frame(`40/events,${JSON.stringify({ token: tokens[i % users] })}`));
-        } else if (text.startsWith("40/events")) {
-          t.sio = now();
-        } else if (text.startsWith("44/events")) {
-          reject(new Error(`refused: ${text}`));
-        } else if (text.startsWith('42/events,["connected"')) {
-          t.connected = now();
-          timings.push(t);
-          resolve(s);
-        }
-      }
-    });
-    s.on("error", reject);
-  });
+async function connectOne(i) {
+  const socket = await new RawSocket(port, tokens[i % users]).connect();
+  timings.push(socket.t);
+  return socket;
 }
 
 (async () => {
@@ -134,6 +61,7 @@ function connectOne(i) {
   }));
   const wallMs = now() - t0;
   const cpu = process.cpuUsage(cpu0);
+  for (const s of open) reads += s.reads;
   const serverMs = serverCpuMs() - server0;
   const q = (values, p) => values[Math.min(values.length - 1, Math.floor(p * values.length))];
   const stages = {

@@ -2,17 +2,25 @@
 
 The launcher wraps `droid.app.make_app` so that the application it builds also serves:
 
-    POST /bench/emit   {count, users, start?, rate?, event?}: emits `count` envelopes to the
-                       rooms user:bench-user-{(start + i) % users} through Droid's real delivery
-                       path, EventsService._emit (the specific event, then `task.event`), with
-                       envelopes built as EventsService.publish builds non-durable ones (no
-                       MongoDB: this measures fan-out). As fast as possible (rate 0) or paced at
-                       `rate` per second; data.sentAt is the emit time on CLOCK_MONOTONIC in ms
-                       (the load generator reads the same clock). Answers {emitted, elapsedMs,
-                       maxLagMs} once all are emitted.
+    POST /bench/emit   {count, users, start?, rate?, event?, stamp?}: publishes `count`
+                       events to the users bench-user-{(start + i) % users} through Droid's real
+                       path, `droid.events` (droid/tasks/publisher.py's EventsService) .publish
+                       with durable=False: an envelope built as for a stored one but neither
+                       numbered nor stored (this measures fan-out, not the store), handed to the
+                       real-time Delivery, which writes the specific event, then `task.event`, to
+                       each of the user's sockets. As fast as possible (rate 0) or paced at
+                       `rate` per second (when the loop comes back late, every event due by then
+                       is published in that turn, as the Node reference's emitter does);
+                       data.sentAt is the emit time on CLOCK_MONOTONIC in ms
+                       (the load generator reads the same clock). With stamp "due" (and a rate),
+                       data.sentAt is moved back by how late the event left its pace beyond
+                       TIMER_SLACK_MS, so that a loop too busy to publish on time counts in the
+                       latency, and the emit time is in data.publishedAt. Answers {emitted,
+                       elapsedMs, maxLagMs} once all are emitted.
     GET  /bench/stats  {sockets, engineSockets, gc: {count, totalMs, maxMs, byGeneration}}
                        (?reset=1 zeroes the gc figures after reading them; ?objects=1 adds the
-                       live AsyncSocket / WebSocketHandler / IOStream / Task objects, slow)
+                       live AsyncSocket / Transport / WebSocketHandler / IOStream / Task
+                       objects, slow)
     POST /bench/gc     gc.collect() then glibc's malloc_trim(0), answers {ok, collected, trimmed}
     POST /bench/heap   with BENCH_TRACEMALLOC=1 only: what grew since the previous call (tracemalloc)
 
@@ -39,6 +47,10 @@ import droid.app as droid_app
 from droid.util import now_iso
 
 TASK_ID = "6f1c2e7a-0000-4000-8000-00000000beef"
+# A timer of either runtime fires up to ~1 ms off its time (both are millisecond-grained: asyncio
+# rounds epoll's timeout up, libuv counts whole ms), so lateness up to this much is the timer's,
+# not a busy loop's: stamp "due" leaves it out (the same constant is in reference/server.js).
+TIMER_SLACK_MS = 1.0
 AGENT_ID = "00000000-0000-4000-8000-000000000001"
 
 
@@ -102,23 +114,46 @@ class EmitHandler(BenchHandler):
         start = int(params.get("start", 0))
         rate = float(params.get("rate", 0) or 0)
         event = str(params.get("event", "task.processing"))
+        due_stamp = params.get("stamp") == "due"
         publish = self.droid.events.publish
         t0 = _mono_ms()
         max_lag = 0.0
-        interval = 1000.0 / rate if rate else 0.0
-        for i in range(count):
-            if rate:
-                due = t0 + i * interval
-                wait = due - _mono_ms()
-                if wait > 0:
-                    await asyncio.sleep(wait / 1000.0)
-                max_lag = max(max_lag, _mono_ms() - due)
+
+        async def one(i: int, due: float | None) -> None:
+            nonlocal max_lag
             user_id = f"bench-user-{(start + i) % users}"
             now = now_iso()
             data = {"taskId": TASK_ID, "userId": user_id, "agentId": AGENT_ID,
                     "status": "processing", "retryCount": 0, "startedAt": now, "updatedAt": now,
                     "i": i, "sentAt": _mono_ms()}
+            if due is not None:
+                lag = data["sentAt"] - due
+                max_lag = max(max_lag, lag)
+                if due_stamp:
+                    data["publishedAt"] = data["sentAt"]
+                    data["sentAt"] -= max(0.0, lag - TIMER_SLACK_MS)
             await publish(user_id, event, data, durable=False)
+
+        if not rate:
+            for i in range(count):
+                await one(i, None)
+        else:
+            interval = 1000.0 / rate
+            i = 0
+            while i < count:
+                wait = t0 + i * interval - _mono_ms()
+                if wait > 0:
+                    await asyncio.sleep(wait / 1000.0)
+                # Every event due by now leaves in this turn, as independent sources would publish
+                # them (the Node reference's emitter does the same): a loop too busy to run this
+                # coroutine on time delays each event by that much, not by one turn per event
+                # still queued behind it.
+                due_now = min(count, max(i + 1, int((_mono_ms() - t0) / interval) + 1))
+                if due_now == i + 1:
+                    await one(i, t0 + i * interval)
+                else:
+                    await asyncio.gather(*(one(j, t0 + j * interval) for j in range(i, due_now)))
+                i = due_now
         self.reply({"emitted": count, "elapsedMs": _mono_ms() - t0, "maxLagMs": max_lag})
 
 
@@ -129,7 +164,8 @@ class StatsHandler(BenchHandler):
                 "gc": GC_PAUSES.snapshot()}
         if self.get_query_argument("objects", None):
             # live objects per type of the socket stack, closed ones included (slow: on demand)
-            names = ("AsyncSocket", "WebSocketHandler", "WebSocketProtocol13", "IOStream", "Task")
+            names = ("AsyncSocket", "Transport", "WebSocketHandler", "WebSocketProtocol13",
+                     "IOStream", "Task")
             counts = dict.fromkeys(names, 0)
             for obj in gc.get_objects():
                 for cls in type(obj).__mro__:

@@ -14,10 +14,14 @@
  *
  * Bench-only HTTP routes on the same port (Droid's bench launcher, bench/droid_server.py, has the
  * same three):
- *   POST /bench/emit  {count, users, start?, rate?, event?}: emits `count` envelopes to the rooms
- *                     user:bench-user-{(start + i) % users}, as fast as possible (rate 0) or paced
- *                     at `rate` per second; data.sentAt is the emit time on CLOCK_MONOTONIC in ms.
- *                     Answers {emitted, elapsedMs, maxLagMs} once all are emitted.
+ *   POST /bench/emit  {count, users, start?, rate?, event?, stamp?}: emits `count` envelopes to
+ *                     the rooms user:bench-user-{(start + i) % users}, as fast as possible (rate 0)
+ *                     or paced at `rate` per second; data.sentAt is the emit time on
+ *                     CLOCK_MONOTONIC in ms. With stamp "due" (and a rate), data.sentAt is moved
+ *                     back by how late the event left its pace beyond TIMER_SLACK_MS (a loop too
+ *                     busy to emit on time counts in the latency), and the emit time is in
+ *                     data.publishedAt. Answers {emitted, elapsedMs, maxLagMs} once all are
+ *                     emitted.
  *   GET  /bench/stats {sockets, engineSockets, gc: {count, totalMs, maxMs}} (?reset=1 zeroes gc)
  *   POST /bench/gc    a full garbage collection (node --expose-gc), answers {ok}
  *
@@ -198,16 +202,24 @@ events.on("connection", (socket) => {
 // bench-only routes
 
 const TASK_ID = "6f1c2e7a-0000-4000-8000-00000000beef";
+// Timers fire up to ~1 ms off their time in either runtime (libuv counts whole ms, asyncio rounds
+// epoll's timeout up): lateness up to this much is the timer's, not a busy loop's (as in
+// bench/droid_server.py).
+const TIMER_SLACK_MS = 1.0;
 const AGENT_ID = "00000000-0000-4000-8000-000000000001";
 
 /** One task event, built the way a publisher builds it, delivered to the owner's room twice. */
-function emitOne(i, users, start, event) {
+function emitOne(i, users, start, event, lateMs) {
   const userId = `bench-user-${(start + i) % users}`;
   const now = nowIso();
   const data = {
     taskId: TASK_ID, userId, agentId: AGENT_ID, status: "processing", retryCount: 0,
     startedAt: now, updatedAt: now, i, sentAt: monoMs(),
   };
+  if (lateMs !== undefined) {
+    data.publishedAt = data.sentAt;
+    data.sentAt -= Math.max(0, lateMs - TIMER_SLACK_MS);
+  }
   const envelope = { event, data, timestamp: now, seq: null };
   const room = `user:${userId}`;
   events.to(room).emit(event, envelope);
@@ -216,7 +228,7 @@ function emitOne(i, users, start, event) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-async function emitMany({ count = 1, users = 1, start = 0, rate = 0, event = "task.processing" }) {
+async function emitMany({ count = 1, users = 1, start = 0, rate = 0, event = "task.processing", stamp }) {
   const t0 = monoMs();
   let maxLagMs = 0;
   if (!rate) {
@@ -229,7 +241,7 @@ async function emitMany({ count = 1, users = 1, start = 0, rate = 0, event = "ta
       if (wait > 0) await sleep(wait);
       const lag = monoMs() - due;
       if (lag > maxLagMs) maxLagMs = lag;
-      emitOne(i, users, start, event);
+      emitOne(i, users, start, event, stamp === "due" ? lag : undefined);
     }
   }
   return { emitted: count, elapsedMs: monoMs() - t0, maxLagMs };
