@@ -10,6 +10,7 @@ import tornado.iostream
 
 from ..auth import AuthError, bearer
 from ..errors import Invalid, Unauthorized
+from ..delivery import IN_FLIGHT_MAX
 from ..schemas import EventsQuery
 from ..util import dumps
 from .base import ApiHandler
@@ -35,6 +36,10 @@ class EventsHandler(ApiHandler):
 class EventStreamHandler(ApiHandler):
     """Live envelopes as SSE, read from the event store so that resume has no gap.
 
+    Stored envelopes carry `id:` (their seq, what Last-Event-ID resumes after); live-only ones
+    (`task.progress`) come as they are published, without `id:`. A resume point older than what
+    is kept is answered with `event: resync` `{oldestSeq}` first, then what is kept.
+
     The stream is read from the store only as fast as the client takes it: what is written
     waits to be flushed before more is read, and one write is at most DROID_MAX_BACKLOG_BYTES
     (plus one envelope), the slow-consumer bound of the sockets. A client that takes nothing for
@@ -52,20 +57,35 @@ class EventStreamHandler(ApiHandler):
 
     async def get(self) -> None:
         user_id = self.user_id
-        after = self._resume_point()
+        after, explicit = self._resume_point()
         events = self.settings["events_service"]
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
         self._closed = False
-        self.write(": droid event stream\nretry: 2000\n\n")
-        await self.flush()
+        # Watching before the history is read: progress published meanwhile is held.
         wakeup = self._wakeup = events.watch(user_id)
         try:
+            self.write(": droid event stream\nretry: 2000\n\n")
+            if explicit:
+                oldest = await self._history_gap(user_id, after)
+                if oldest is not None:
+                    # What followed the resume point has expired: say so, then go on with what
+                    # is kept (what GET /events?after= would return).
+                    self.write(b"event: resync\ndata: " + dumps({"oldestSeq": oldest}) + b"\n\n")
+                    after = oldest - 1
+            await self.flush()
             idle = 0.0
             budget = self.config.max_backlog_bytes
             while not self._closed:
-                docs = await self.store.events_after(user_id, after, BATCH)
+                wakeup.clear()  # before reading: what is published from now on wakes the wait
                 written = 0
+                # Live pieces first: those published before a stored envelope come before it.
+                for env in wakeup.take_live():
+                    data = dumps(env)
+                    self.write(f"event: {env['event']}\ndata: ")  # no id: not a resume point
+                    self.write(data + b"\n\n")
+                    written += len(data)
+                docs = await self.store.events_after(user_id, after, BATCH)
                 for doc in docs:
                     env = doc["envelope"]
                     data = dumps(env)
@@ -76,7 +96,7 @@ class EventStreamHandler(ApiHandler):
                     written += len(data)
                     if written >= budget:
                         break
-                if docs:
+                if written:
                     idle = 0.0
                     if not await self._drain():
                         break
@@ -87,7 +107,6 @@ class EventStreamHandler(ApiHandler):
                     self.write(": keepalive\n\n")
                     if not await self._drain():
                         break
-                wakeup.clear()
                 try:
                     await asyncio.wait_for(wakeup.wait(), POLL_S)
                 except asyncio.TimeoutError:
@@ -98,6 +117,26 @@ class EventStreamHandler(ApiHandler):
             events.unwatch(user_id, wakeup)
         if not self._closed:
             self.finish()
+
+    async def _history_gap(self, user_id: str, after: int) -> int | None:
+        """The oldest seq still kept when the history no longer reaches back to `after + 1`
+        (the client must be told: `resync`), else None. Seqs numbered and not stored yet (a
+        publisher between the two, only ever the newest few) are waited for, as Delivery does
+        for sockets, rather than taken for lost history."""
+        delivery = self.settings["events_service"].delivery
+        waited = 0.0
+        while True:
+            last = await self.store.last_seq(user_id)
+            if after >= last:
+                return None
+            oldest = await self.store.oldest_seq(user_id)
+            if oldest is not None and oldest <= after + 1:
+                return None
+            missing = (last if oldest is None else oldest - 1) - after
+            if missing > IN_FLIGHT_MAX or waited >= delivery.gap_give_up_s or self._closed:
+                return oldest if oldest is not None else last + 1
+            await asyncio.sleep(delivery.gap_wait_s)
+            waited += delivery.gap_wait_s
 
     async def _drain(self) -> bool:
         """Flush what was written; False when the client took nothing for DRAIN_TIMEOUT_S (it
@@ -113,15 +152,18 @@ class EventStreamHandler(ApiHandler):
             return False
         return not self._closed
 
-    def _resume_point(self) -> int:
-        raw = self.request.headers.get("Last-Event-ID") or self.get_query_argument("after", "0")
+    def _resume_point(self) -> tuple[int, bool]:
+        """Where to start, and whether the client named it (only then can history be lost)."""
+        raw = self.request.headers.get("Last-Event-ID") or self.get_query_argument("after", None)
+        if raw is None:
+            return 0, False
         try:
             after = int(raw)
         except ValueError:
             raise Invalid("Last-Event-ID / after must be a whole number") from None
         if after < 0:
             raise Invalid("Last-Event-ID / after must be >= 0")
-        return after
+        return after, True
 
     def on_connection_close(self) -> None:
         self._closed = True
