@@ -61,6 +61,10 @@ Commands (the command line, a client of a Droid server; each has --help):
   droid keys create | ls | revoke
   droid webhooks add | ls | test | deliveries
   droid serve                     serve, as `droid` alone does
+URL and key: --url / DROID_URL and --api-key / DROID_API_KEY, else what `droid login` kept.
+Exit codes of the commands: 0 ok, 1 the task failed, 2 bad usage, 3 the task was cancelled,
+4 not logged in or the key was refused, 5 not found, 6 conflict, 7 other refusal by the
+server, 8 the server could not be reached, 130 interrupted (Ctrl-C).
 """
 
 

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import click
+from rich.console import Group
 from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
@@ -145,10 +146,10 @@ class RunView:
             self.out.note(f"✖ {status} · task {self.task_id}", STATUS_STYLE.get(status))
         return OUTCOME.get(status, OK)
 
-    def _render(self) -> Table:
-        grid = Table.grid()
-        if self.partial:
-            grid.add_row(Text(self.partial))
+    def _render(self) -> Group:
+        # Lines of their own width, not a grid's: a line padded to the terminal's width wraps
+        # as soon as the terminal echoes ^C after it, and the live area is then erased one
+        # line short.
         line = Text()
         line.append(f"{self.status}", style=STATUS_STYLE.get(self.status, ""))
         line.append(f" · {time.monotonic() - self.started:.1f} s", style="dim")
@@ -159,8 +160,7 @@ class RunView:
             line.append(f" · {self.notice}", style="yellow")
         status = Table.grid(padding=(0, 1))
         status.add_row(self.spinner, line)
-        grid.add_row(status)
-        return grid
+        return Group(Text(self.partial), status) if self.partial else Group(status)
 
 
 def parse_metadata(raw: str | None) -> dict[str, Any] | None:
