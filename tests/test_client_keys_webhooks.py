@@ -85,7 +85,8 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def droid(spawn):
-    return start(spawn, DROID_DEMO_DELAY_S="0.05")
+    # The receiver is on loopback, where webhooks may go only when allowed.
+    return start(spawn, DROID_DEMO_DELAY_S="0.05", DROID_WEBHOOK_ALLOW_PRIVATE="true")
 
 
 def test_api_keys_create_list_use_and_revoke(droid):
@@ -197,7 +198,8 @@ def test_webhooks_every_method_and_verify_webhook_on_real_deliveries(droid, rece
 
 @pytest.mark.asyncio
 async def test_async_client_api_keys_and_webhooks(spawn, receiver):
-    droid = await spawn("droid", JWT_SECRET="x" * 40, DROID_ENV="test").ready()
+    droid = await spawn("droid", JWT_SECRET="x" * 40, DROID_ENV="test",
+                        DROID_WEBHOOK_ALLOW_PRIVATE="true").ready()
     user = await asyncio.to_thread(register, droid.url)
     async with AsyncClient(droid.url, token=user["token"]) as client:
         key = await client.api_keys.create("async")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -33,7 +34,7 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
-        self.exit_code = code
+        self.exit_code = code  # type: ignore[misc]
 
     def show(self, file: Any = None) -> None:
         click.echo(f"droid: {self.format_message()}", err=True)
@@ -79,8 +80,9 @@ class Context:
         saved; --api-key / DROID_API_KEY, else the saved key."""
         stored = saved.load()
         url = self.url or stored.get("url")
-        key = self.api_key or (stored.get("apiKey") if not self.url or
-                               self.url == stored.get("url") else None)
+        # The saved key goes only to the server it was made for.
+        same_server = not self.url or self.url.rstrip("/") == stored.get("url")
+        key = self.api_key or (stored.get("apiKey") if same_server else None)
         if need_key and not key:
             fail("not logged in: run `droid login` (or set DROID_API_KEY)", AUTH)
         try:
@@ -156,7 +158,7 @@ def run_cli(args: list[str]) -> NoReturn:
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code
-    except BrokenPipeError:  # `droid tasks ls | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `droid tasks ls | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = OK
     sys.exit(code if isinstance(code, int) else OK)

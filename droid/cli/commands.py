@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+from typing import Any
 
 import click
 
@@ -140,7 +141,7 @@ def tasks_show(ctx: Context, task_id: str) -> int:
                     ("error", task.get("error")), ("prompt", task["prompt"])])
     if task.get("response"):
         ctx.out.line()
-        ctx.out.line(task["response"])
+        ctx.out.line(task["response"] or "")
     return OK
 
 
@@ -343,9 +344,10 @@ def webhooks_deliveries(ctx: Context, endpoint_id: str, status: str | None, limi
         return OK
     rows = []
     for d in found:
-        last = (d.get("attempts") or [{}])[-1]
+        attempts: list[Any] = list(d.get("attempts") or [])
+        last: dict[str, Any] = dict(attempts[-1]) if attempts else {}
         outcome = last.get("statusCode") or excerpt(last.get("error"), 40) or ""
-        rows.append((d["id"], d["event"], d["status"], len(d.get("attempts") or []), outcome,
+        rows.append((d["id"], d["event"], d["status"], len(attempts), outcome,
                      short_time(d["createdAt"])))
     ctx.out.table(["ID", "EVENT", "STATUS", "ATTEMPTS", "LAST", "CREATED"], rows)
     return OK

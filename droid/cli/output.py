@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -61,7 +61,7 @@ class Output:
             table.add_column(column, overflow="fold")
         for row in rows:
             cells = [Text(value, style=(styles[i] if styles and i < len(styles) and styles[i]
-                                        else STATUS_STYLE.get(value, "")))
+                                        else None) or STATUS_STYLE.get(value, ""))
                      for i, value in enumerate(row)]
             table.add_row(*cells)
         self.console.print(table)
@@ -91,7 +91,7 @@ def excerpt(text: str | None, width: int = 60) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def describe(envelope: dict) -> str:
+def describe(envelope: Mapping[str, Any]) -> str:
     """What an envelope says, in a few words, after its event name."""
     data = envelope.get("data") or {}
     event = envelope.get("event")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import click
 from rich.console import Group
@@ -31,7 +31,7 @@ class RunView:
     envelope of the task on a line, then the finished task.
     """
 
-    def __init__(self, out: Output, task: dict) -> None:
+    def __init__(self, out: Output, task: Mapping[str, Any]) -> None:
         self.out = out
         self.task_id = task["id"]
         self.status = task["status"]
@@ -52,7 +52,7 @@ class RunView:
 
     # updates ---------------------------------------------------------------------------------
 
-    def envelope(self, env: dict) -> None:
+    def envelope(self, env: Mapping[str, Any]) -> None:
         data = env.get("data") or {}
         if self.out.json:
             self.out.emit(env)
@@ -121,7 +121,7 @@ class RunView:
                 self.out.console.print(Text(self.partial), soft_wrap=True)
                 self.partial = ""
 
-    def finish(self, task: dict) -> int:
+    def finish(self, task: Mapping[str, Any]) -> int:
         """Show the end (the rest of the answer if pieces were missed) and the outcome."""
         status = task["status"]
         if self.out.json:
@@ -207,11 +207,11 @@ def run(ctx: Context, prompt: str, agent: str | None, priority: str | None,
         return follow(ctx, client, task, after)
 
 
-def follow(ctx: Context, client: Client, task: dict, after: int | None) -> int:
+def follow(ctx: Context, client: Client, task: Mapping[str, Any], after: int | None) -> int:
     """Show the task until it finishes; the exit code of its outcome."""
     view = RunView(ctx.out, task)
     try:
-        final = None
+        final: Mapping[str, Any] = task
         for item in client.tasks.watch(task["id"], after=after, on_reconnect=view.reconnecting):
             if "event" in item:
                 view.envelope(item)

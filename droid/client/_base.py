@@ -16,7 +16,8 @@ import httpx
 
 from .. import __version__
 from ._sse import SSEEvent
-from .errors import ApiError, ConnectionFailed, Timeout, error_for, parse_retry_after
+from .errors import (ApiError, ConnectionFailed, DroidError, Timeout, error_for,
+                     parse_retry_after)
 from .types import Resync
 
 DEFAULT_URL = "http://localhost:3000"
@@ -174,7 +175,7 @@ def error_of(response: httpx.Response) -> ApiError:
     return error_for(response.status_code, body, dict(response.headers))
 
 
-def transport_error(exc: httpx.HTTPError, base_url: str, timeout: float) -> Exception:
+def transport_error(exc: httpx.HTTPError, base_url: str, timeout: float) -> DroidError:
     """httpx's failure as the client's: Timeout or ConnectionFailed, one line, no traceback."""
     if isinstance(exc, httpx.TimeoutException):
         return Timeout(f"no answer from {base_url} within {timeout:g} s")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, cast
 
 import httpx
 
@@ -262,9 +262,11 @@ class AsyncTasks(_Group):
         """The answer's pieces (str) as they come, then the finished task."""
         async for item in self.watch(task_id, after=after, progress=True, timeout=timeout):
             if "event" not in item:
-                yield item  # type: ignore[misc]
-            elif item["event"] == "task.progress":
-                yield item["data"].get("delta") or ""
+                yield cast(Task, item)
+            else:
+                envelope = cast(Envelope, item)
+                if envelope["event"] == "task.progress":
+                    yield envelope["data"].get("delta") or ""
 
 
 class AsyncAgents(_Group):

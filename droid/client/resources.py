@@ -3,7 +3,7 @@ and `.webhooks` (`aio.py` has the same methods, awaitable)."""
 from __future__ import annotations
 
 import builtins
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 from . import _base as b
 from .errors import WaitTimeout
@@ -118,9 +118,11 @@ class Tasks(_Group):
         down are not replayed). Raises `WaitTimeout` after `timeout` seconds."""
         for item in self.watch(task_id, after=after, progress=True, timeout=timeout):
             if "event" not in item:
-                yield item  # type: ignore[misc]
-            elif item["event"] == "task.progress":
-                yield item["data"].get("delta") or ""
+                yield cast(Task, item)
+            else:
+                envelope = cast(Envelope, item)
+                if envelope["event"] == "task.progress":
+                    yield envelope["data"].get("delta") or ""
 
 
 class Agents(_Group):
