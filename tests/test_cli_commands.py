@@ -47,7 +47,7 @@ def test_help_texts(tmp_path):
     }
     for args, words in expected.items():
         result = run_cli(list(args), env)
-        assert result.returncode == 0, (args, result.stderr)
+        assert result.returncode == 0 and result.stderr == "", (args, result.stderr)
         for word in words:
             assert word in result.stdout, (args, word, result.stdout)
     unknown = run_cli(["frobnicate"], env)

@@ -65,8 +65,8 @@ class _ReceiverHandler(http.server.BaseHTTPRequestHandler):
         server: Receiver = self.server  # type: ignore[assignment]
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with server.lock:
-            server.received.append({"path": self.path, "headers": dict(self.headers.items()),
-                                    "body": body})
+            server.received.append({"path": self.path, "body": body, "headers": {
+                name.lower(): value for name, value in self.headers.items()}})
         self.send_response(server.status)
         self.send_header("Content-Length", "2")
         self.end_headers()
@@ -298,6 +298,7 @@ def test_cli_keys_and_webhooks_commands(tmp_path, droid, receiver):
     assert run_cli(["keys", "revoke", listed["id"]], env).returncode == 5
 
     added = run_cli(["webhooks", "add", receiver.url, "--event", "task.completed", "--json"], env)
+    assert added.returncode == 0, added.stderr
     endpoint = json.loads(added.stdout)
     assert endpoint["secret"].startswith("whsec_") and endpoint["events"] == ["task.completed"]
     ls = [json.loads(line) for line in run_cli(["webhooks", "ls", "--json"], env)

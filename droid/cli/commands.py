@@ -276,17 +276,17 @@ def webhooks() -> None:
 
 
 @webhooks.command("add")
-@click.argument("url")
+@click.argument("endpoint_url", metavar="URL")
 @click.option("--event", "events", multiple=True, metavar="EVENT",
               help="An event to send (repeatable; default: task.completed, task.failed, "
                    "task.cancelled).")
 @click.option("--description", metavar="TEXT")
 @common
-def webhooks_add(ctx: Context, url: str, events: tuple[str, ...],
+def webhooks_add(ctx: Context, endpoint_url: str, events: tuple[str, ...],
                  description: str | None) -> int:
     """Add an endpoint at URL; its signing secret is shown this once."""
     with ctx.client() as client:
-        endpoint = client.webhooks.create(url, events=list(events) or None,
+        endpoint = client.webhooks.create(endpoint_url, events=list(events) or None,
                                           description=description)
     if ctx.out.json:
         ctx.out.emit(endpoint)
