@@ -274,7 +274,7 @@ def test_every_call_has_a_timeout():
             started = time.monotonic()
             with pytest.raises(Timeout):
                 client.health()
-            assert time.monotonic() - started < 3 and len(server.arrivals) == 1
+            assert time.monotonic() - started < 5 and len(server.arrivals) == 1
     finally:
         server.close()
 

@@ -260,6 +260,6 @@ async def test_wait_gives_up_at_its_timeout(spawn, fake):
             return time.monotonic() - started
 
         elapsed = await asyncio.to_thread(wait)
-        assert 1.4 <= elapsed < 4, elapsed
+        assert 1.4 <= elapsed < 8, elapsed  # ends near its deadline (a loaded machine aside)
         assert client.tasks.get(task["id"])["status"] == "processing"
         client.tasks.cancel(task["id"])
