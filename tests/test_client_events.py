@@ -6,6 +6,7 @@ real fake LLM, tests/fake_llm.py), and their timeout."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 import uuid
@@ -155,7 +156,9 @@ async def test_events_resume_across_dropped_connections(spawn):
         await publisher.aclose()
         await proxy.stop()
     assert seqs == list(range(1, total + 1)), seqs
-    assert cuts == 5 and len(reconnects) >= 5 and proxy.accepted >= 6, (cuts, reconnects)
+    # Each cut reset the open stream; the last may come after the consumer had everything.
+    assert cuts == 5 and len(reconnects) >= 4 and proxy.accepted >= 5, (cuts, reconnects)
+    gc.collect()  # a stream the proxy left open would warn here, in this test
 
 
 async def test_events_say_resync_then_go_on_from_get_events(spawn, tmp_path):

@@ -26,6 +26,7 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_MAX_RETRY_WAIT_S = 30.0
 # The server writes a keepalive after 15 s of silence: three missed ones mean a dead connection.
 STREAM_IDLE_S = 45.0
+STREAM_STABLE_S = 5.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 15.0
 EVENTS_PAGE = 1000
@@ -189,6 +190,13 @@ def transport_error(exc: httpx.HTTPError, base_url: str, timeout: float) -> Droi
     return ConnectionFailed(f"cannot reach {base_url}: {reason}")
 
 
+def stream_error(exc: httpx.HTTPError, settings: Settings, read: float) -> DroidError:
+    """Why an event stream was lost, in one line."""
+    if isinstance(exc, httpx.ReadTimeout):
+        return Timeout(f"the event stream of {settings.base_url} was silent for {read:g} s")
+    return transport_error(exc, settings.base_url, settings.timeout)
+
+
 def retry_delay(attempt: int, settings: Settings, *, response: httpx.Response | None = None,
                 exc: Exception | None = None, call: Call | None = None) -> float | None:
     """Seconds to wait before retrying attempt number `attempt` (0 first), or None: give up.
@@ -233,6 +241,20 @@ class EventCursor:
         self.progress = progress
         self.deadline = deadline
         self.failures = 0
+        self._opened_at = 0.0
+        self._after_at_open = after
+
+    def opening(self) -> None:
+        self._opened_at = time.monotonic()
+        self._after_at_open = self.after
+
+    def alive(self) -> None:
+        """A chunk came. The backoff starts over once the stream has proved itself (an
+        envelope, or STABLE_S open), not on its first bytes: a server that accepts and drops
+        at once is not retried in a tight loop."""
+        if self.after != self._after_at_open or \
+                time.monotonic() - self._opened_at >= STREAM_STABLE_S:
+            self.failures = 0
 
     def accept(self, sse: SSEEvent) -> dict | Resync | None:
         """What to hand to the caller for one SSE event: an envelope, a Resync, or nothing."""

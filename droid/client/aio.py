@@ -107,6 +107,7 @@ class AsyncClient:
                         yield envelope
                     catching_up = False
                 read = cursor.read_timeout()
+                cursor.opening()
                 async with self._http.stream(
                         "GET", "/events/stream", headers=cursor.stream_headers(),
                         timeout=b.stream_timeout(settings, cursor, read)) as resp:
@@ -116,7 +117,7 @@ class AsyncClient:
                     parser = SSEParser()
                     ended = True
                     async for chunk in resp.aiter_bytes():
-                        cursor.failures = 0
+                        cursor.alive()
                         for sse in parser.feed(chunk):
                             item = cursor.accept(sse)
                             if item is None:
@@ -134,7 +135,7 @@ class AsyncClient:
             except httpx.HTTPError as exc:
                 if isinstance(exc, httpx.ReadTimeout) and cursor.expired():
                     return
-                reason: DroidError = b.transport_error(exc, settings.base_url, settings.timeout)
+                reason: DroidError = b.stream_error(exc, settings, read)
                 delay = cursor.next_delay()
             except (ConnectionFailed, Timeout) as exc:
                 reason, delay = exc, cursor.next_delay()

@@ -130,6 +130,7 @@ class Client:
                     yield from self._catch_up(cursor)
                     catching_up = False
                 read = cursor.read_timeout()
+                cursor.opening()
                 with self._http.stream("GET", "/events/stream", headers=cursor.stream_headers(),
                                        timeout=b.stream_timeout(settings, cursor, read)) as resp:
                     if resp.status_code != 200:
@@ -137,7 +138,7 @@ class Client:
                         raise b.error_of(resp)  # retried below when waiting can cure it
                     parser = SSEParser()
                     for chunk in resp.iter_bytes():
-                        cursor.failures = 0
+                        cursor.alive()
                         for sse in parser.feed(chunk):
                             item = cursor.accept(sse)
                             if item is None:
@@ -154,7 +155,7 @@ class Client:
             except httpx.HTTPError as exc:
                 if isinstance(exc, httpx.ReadTimeout) and cursor.expired():
                     return
-                reason: DroidError = b.transport_error(exc, settings.base_url, settings.timeout)
+                reason: DroidError = b.stream_error(exc, settings, read)
                 delay = cursor.next_delay()
             except (ConnectionFailed, Timeout) as exc:
                 reason, delay = exc, cursor.next_delay()
