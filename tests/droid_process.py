@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 import droid
 from conftest import Listener
@@ -30,9 +30,10 @@ class DroidProcess:
     """`python -m droid` in `workdir` on a free port, with only HOST, PORT and `env` set; its
     output (stdout and stderr) kept in a file of the test's folder."""
 
-    def __init__(self, name: str, workdir: Path, logdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, workdir: Path, logdir: Path, env: dict[str, str],
+                 port: int | None = None) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         full = {k: v for k, v in os.environ.items()
                 if not k.startswith(_SCRUB_PREFIXES) and k not in _SCRUB_NAMES}
         full.update(HOST="127.0.0.1", PORT=str(self.port), PYTHONPATH=str(ROOT))
@@ -68,8 +69,8 @@ class DroidProcess:
                                              raise_error=False)
                     if reply.code == 200:
                         return self
-                except OSError:
-                    pass  # not listening yet
+                except (OSError, HTTPClientError):
+                    pass  # not listening yet, or too busy starting to answer within 2 s
                 assert asyncio.get_running_loop().time() < deadline, \
                     f"{self.name} did not start:\n{self.output()}"
                 await asyncio.sleep(0.05)
@@ -89,13 +90,15 @@ class DroidProcess:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., DroidProcess]]:
-    """Start `python -m droid` processes: spawn(name, workdir=None, **env). Every one of them is
-    SIGKILLed at the end (also when the test fails) and its log printed."""
+    """Start `python -m droid` processes: spawn(name, workdir=None, port=None, **env) (`port`:
+    the one of a process stopped before, to restart it where its clients look). Every one of
+    them is SIGKILLed at the end (also when the test fails) and its log printed."""
     started: list[DroidProcess] = []
 
-    def start(name: str, workdir: Path | None = None, **env: Any) -> DroidProcess:
+    def start(name: str, workdir: Path | None = None, port: int | None = None,
+              **env: Any) -> DroidProcess:
         assert name not in {p.name for p in started}, "one log per process: give a new name"
-        proc = DroidProcess(name, workdir or tmp_path / "work", tmp_path, env)
+        proc = DroidProcess(name, workdir or tmp_path / "work", tmp_path, env, port)
         started.append(proc)
         return proc
 

@@ -11,7 +11,7 @@ import pytest
 import socketio
 
 from conftest import make_config
-from droid import __main__ as droid_main
+from droid import serving as droid_main
 from droid.realtime import transport as droid_transport
 from droid.realtime.delivery import Delivery
 from droid.realtime.guard import GuardedServer

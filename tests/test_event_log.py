@@ -5,6 +5,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from conftest import Api
+from droid.util import loads
 
 pytestmark = pytest.mark.asyncio
 
@@ -102,6 +103,71 @@ async def test_sse_streams_live_envelopes_and_resumes_after_last_event_id(droid_
     await by_query.wait_count(1)
     assert [e["id"] for e in by_query.events] == ["5"]
     fut3.cancel()
+    api.close()
+
+
+async def test_sse_carries_live_progress_without_an_id_between_the_stored_envelopes(droid):
+    """task.progress is live only: it comes as it is published, without `id:` (so that
+    Last-Event-ID stays the last stored seq), between task.processing and task.completed."""
+    api = Api(droid.url)
+    user = await api.register()
+    sse, fut = _open(droid.url + "/events/stream", user["token"], {"Last-Event-ID": "0"})
+    task = (await api.post("/tasks", {"prompt": "stream me"}, token=user["token"])).body
+    await sse.wait_count(1)
+    await asyncio.wait_for(_until(sse, lambda: any(
+        e["event"] == "task.completed" for e in sse.events)), 10)
+    fut.cancel()
+    names = [e["event"] for e in sse.events]
+    assert names[0] == "task.created" and names[-1] == "task.completed", names
+    progress = [e for e in sse.events if e["event"] == "task.progress"]
+    assert len(progress) >= 2 and all("id" not in e for e in progress), sse.events
+    assert all("id" in e for e in sse.events if e["event"] != "task.progress")
+    pieces = [loads(e["data"])["data"]["delta"] for e in progress]
+    completed = loads(sse.events[-1]["data"])
+    assert "".join(pieces) == completed["data"]["response"]
+    assert {loads(e["data"])["data"]["taskId"] for e in progress} == {task["id"]}
+    assert names.index("task.processing") < names.index("task.progress")
+    api.close()
+
+
+async def _until(sse: SSE, predicate) -> None:
+    while not predicate():
+        sse.changed.clear()
+        await sse.changed.wait()
+
+
+async def test_sse_says_resync_when_the_resume_point_is_older_than_what_is_kept(droid_factory,
+                                                                              monkeypatch):
+    app = await droid_factory(WORKER_CONCURRENCY=0)
+    # Missing seqs this recent could be in flight (numbered, not stored yet): the stream waits
+    # that long for them before it says resync.
+    monkeypatch.setattr("droid.tasks.history.GAP_GIVE_UP_S", 0.4)
+    api = Api(app.url)
+    user = await api.register()
+    await _tasks(api, user["token"], 6)
+    await app.store.delete_events(user["id"], 3)
+    stale, fut = _open(app.url + "/events/stream", user["token"], {"Last-Event-ID": "1"})
+    await stale.wait_count(4)
+    fut.cancel()
+    assert stale.events[0]["event"] == "resync" and "id" not in stale.events[0]
+    assert loads(stale.events[0]["data"]) == {"oldestSeq": 4}
+    assert [e["id"] for e in stale.events[1:]] == ["4", "5", "6"]  # then what is kept
+    # Nothing is missing after 3, and a stream that names no resume point starts at what is
+    # kept without a resync.
+    for url, headers in ((app.url + "/events/stream", {"Last-Event-ID": "3"}),
+                         (app.url + "/events/stream", {})):
+        fresh, fut = _open(url, user["token"], headers)
+        await fresh.wait_count(3)
+        fut.cancel()
+        assert [e["event"] for e in fresh.events] == ["task.created"] * 3, fresh.events
+    await app.store.delete_events(user["id"])
+    gone, fut = _open(app.url + "/events/stream?after=2", user["token"])
+    await gone.wait_count(1)
+    assert loads(gone.events[0]["data"]) == {"oldestSeq": 7}
+    await _tasks(api, user["token"], 1)
+    await gone.wait_count(2)
+    fut.cancel()
+    assert gone.events[1]["id"] == "7"
     api.close()
 
 

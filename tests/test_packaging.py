@@ -1,7 +1,8 @@
 """The package as users install it: a wheel built from the sources, installed non-editable into
 a fresh virtual environment (no system site-packages, dependencies through pip as a user gets
 them), whose `droid` command, started from an unrelated folder, serves the demo page, app.js
-and the vendored Socket.IO client (setup.cfg ships the repository's static/ as droid/static).
+and the vendored Socket.IO client (setup.cfg ships the repository's static/ as droid/static),
+and, as a client of that server, runs a task (`droid run`, and droid.client from the wheel).
 
 The install fetches Droid's dependencies through pip (from its cache when they are there), so
 this is the slowest test of the suite; it is what `pip install .` in the README does.
@@ -103,6 +104,30 @@ def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 60) -> No
         time.sleep(0.1)
 
 
+def check_the_client_and_the_command_line(venv: Path, url: str, cwd: Path) -> None:
+    """The installed `droid` command runs a task on the server it started (`droid run`, piped:
+    JSON lines), and droid.client imports from the wheel."""
+    request = urllib.request.Request(
+        url + "/auth/register", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"email": "pkg@example.com", "password": "correct horse"}).encode())
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        token = json.load(reply)["accessToken"]
+    env = clean_env(DROID_URL=url, DROID_API_KEY=token, HOME=str(cwd),
+                    XDG_CONFIG_HOME=str(cwd / "config"))
+    usage = run([venv / "bin" / "droid", "--help"], timeout=60, cwd=cwd, env=env).stdout
+    assert "droid run" in usage and "droid tail" in usage
+    ran = run([venv / "bin" / "droid", "run", "packaged", "--json"], timeout=120, cwd=cwd,
+              env=env)
+    assert json.loads(ran.stdout.splitlines()[-1])["status"] == "completed", ran.stdout
+    code = ("import droid.client, sys; "
+            "assert droid.client.__file__.startswith(sys.prefix), droid.client.__file__; "
+            "from droid.client import Client, AsyncClient, verify_webhook; "
+            "print(Client().tasks.get(sys.argv[1])['status'])")
+    task_id = json.loads(ran.stdout.splitlines()[-1])["id"]
+    shown = run([venv / "bin" / "python", "-c", code, task_id], timeout=60, cwd=cwd, env=env)
+    assert shown.stdout.strip() == "completed"
+
+
 def test_the_installed_wheel_serves_the_page_from_any_folder(wheel, tmp_path):
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", venv], timeout=120)
@@ -120,7 +145,7 @@ def test_the_installed_wheel_serves_the_page_from_any_folder(wheel, tmp_path):
         proc = subprocess.Popen(
             [str(venv / "bin" / "droid")], cwd=elsewhere, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),
-            env=clean_env(HOST="127.0.0.1", PORT=str(port),
+            env=clean_env(HOST="127.0.0.1", PORT=str(port), DROID_DEMO_DELAY_S="0.2",
                           DROID_DATA_DIR=str(tmp_path / "data")))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -137,6 +162,7 @@ def test_the_installed_wheel_serves_the_page_from_any_folder(wheel, tmp_path):
             assert body == (ROOT / "static" / source).read_bytes(), path
         status, headers, body = get(url + "/static/missing.js")
         assert status == 404 and json.loads(body)["statusCode"] == 404
+        check_the_client_and_the_command_line(venv, url, elsewhere)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:

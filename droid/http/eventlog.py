@@ -11,6 +11,7 @@ import tornado.iostream
 from ..auth import AuthError, bearer
 from ..config import DRAIN_TIMEOUT_S
 from ..errors import Invalid, Unauthorized
+from ..tasks import history
 from .schemas import EventsQuery
 from ..util import dumps
 from .base import ApiHandler
@@ -35,6 +36,10 @@ class EventsHandler(ApiHandler):
 class EventStreamHandler(ApiHandler):
     """Live envelopes as SSE, read from the event store so that resume has no gap.
 
+    Stored envelopes carry `id:` (their seq, what Last-Event-ID resumes after); live-only ones
+    (`task.progress`) come as they are published, without `id:`. A resume point older than what
+    is kept is answered with `event: resync` `{oldestSeq}` first, then what is kept.
+
     The stream is read from the store only as fast as the client takes it: what is written
     waits to be flushed before more is read, and one write is at most DROID_MAX_BACKLOG_BYTES
     (plus one envelope), the slow-consumer bound of the sockets. A client that takes nothing for
@@ -52,20 +57,37 @@ class EventStreamHandler(ApiHandler):
 
     async def get(self) -> None:
         user_id = self.user_id
-        after = self._resume_point()
+        after, explicit = self._resume_point()
         events = self.settings["events_service"]
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
         self._closed = False
-        self.write(": droid event stream\nretry: 2000\n\n")
-        await self.flush()
+        # Watching before the history is read: progress published meanwhile is held.
         wakeup = self._wakeup = events.watch(user_id)
         try:
+            self.write(": droid event stream\nretry: 2000\n\n")
+            if explicit:
+                oldest, _ = await history.history_gap(
+                    self.store, user_id, after, wanted=lambda: not self._closed,
+                    give_up_s=history.GAP_GIVE_UP_S)
+                if oldest is not None:
+                    # What followed the resume point has expired: say so, then go on with what
+                    # is kept (what GET /events?after= would return).
+                    self.write(b"event: resync\ndata: " + dumps({"oldestSeq": oldest}) + b"\n\n")
+                    after = oldest - 1
+            await self.flush()
             idle = 0.0
             budget = self.config.max_backlog_bytes
             while not self._closed:
-                docs = await self.store.events_after(user_id, after, BATCH)
+                wakeup.clear()  # before reading: what is published from now on wakes the wait
                 written = 0
+                # Live pieces first: those published before a stored envelope come before it.
+                for env in wakeup.take_live():
+                    data = dumps(env)
+                    self.write(f"event: {env['event']}\ndata: ")  # no id: not a resume point
+                    self.write(data + b"\n\n")
+                    written += len(data)
+                docs = await self.store.events_after(user_id, after, BATCH)
                 for doc in docs:
                     env = doc["envelope"]
                     data = dumps(env)
@@ -76,7 +98,7 @@ class EventStreamHandler(ApiHandler):
                     written += len(data)
                     if written >= budget:
                         break
-                if docs:
+                if written:
                     idle = 0.0
                     if not await self._drain():
                         break
@@ -87,7 +109,6 @@ class EventStreamHandler(ApiHandler):
                     self.write(": keepalive\n\n")
                     if not await self._drain():
                         break
-                wakeup.clear()
                 try:
                     await asyncio.wait_for(wakeup.wait(), POLL_S)
                 except asyncio.TimeoutError:
@@ -113,15 +134,18 @@ class EventStreamHandler(ApiHandler):
             return False
         return not self._closed
 
-    def _resume_point(self) -> int:
-        raw = self.request.headers.get("Last-Event-ID") or self.get_query_argument("after", "0")
+    def _resume_point(self) -> tuple[int, bool]:
+        """Where to start, and whether the client named it (only then can history be lost)."""
+        raw = self.request.headers.get("Last-Event-ID") or self.get_query_argument("after", None)
+        if raw is None:
+            return 0, False
         try:
             after = int(raw)
         except ValueError:
             raise Invalid("Last-Event-ID / after must be a whole number") from None
         if after < 0:
             raise Invalid("Last-Event-ID / after must be >= 0")
-        return after
+        return after, True
 
     def on_connection_close(self) -> None:
         self._closed = True

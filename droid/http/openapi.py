@@ -81,6 +81,9 @@ def build_openapi(version: str) -> dict:
                                errors=(400,), params=_query(s.EventsQuery))},
         "/events/stream": {"get": {
             "summary": "Live event envelopes as Server-Sent Events",
+            "description": "Stored envelopes carry `id:` (their seq); live `task.progress` "
+                           "ones come without. A resume point older than what is kept starts "
+                           "with `event: resync` `{oldestSeq}`, then what is kept.",
             "security": [{"bearer": []}],
             "parameters": [{"name": "after", "in": "query", "required": False,
                             "schema": {"type": "integer", "minimum": 0}},

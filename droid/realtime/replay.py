@@ -3,10 +3,9 @@
 - `replay`: a resume (`auth.lastSeq`, `subscribe.tasks {lastSeq}`) writes the stored envelopes
   after `lastSeq` through the socket's outbox, paced by the client's reading (a long replay
   waits until the client has taken most of what was written instead of tripping the
-  slow-consumer bound; a client that reads nothing for DRAIN_TIMEOUT_S is cut). A resume whose
-  next envelopes are numbered but not stored yet, by a publisher here or in another process,
-  waits for them (up to GAP_GIVE_UP_S) rather than answering `resync` for a history that is not
-  lost.
+  slow-consumer bound; a client that reads nothing for DRAIN_TIMEOUT_S is cut). Whether the
+  history still reaches back to `lastSeq` is droid/tasks/history.py's question, shared with the
+  SSE stream.
 - `watch_gap`: an envelope that came early (another process numbered the one before it, and
   Redis has not brought it yet) is held; after GAP_WAIT_S the missing ones are read from the
   store. A hole the store never fills is skipped after GAP_GIVE_UP_S.
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import DRAIN_TIMEOUT_S
 from ..store import Store
+from ..tasks.history import GAP_GIVE_UP_S, GAP_WAIT_S, history_gap
 from .wire import Frames
 
 if TYPE_CHECKING:
@@ -28,11 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("droid.delivery")
 
 REPLAY_BATCH = 500
-GAP_WAIT_S = 0.2
-GAP_GIVE_UP_S = 3.0
-# A resume whose next seqs are missing from the store waits for them (up to GAP_GIVE_UP_S) only
-# when so few are missing that publishers still storing them could explain it.
-IN_FLIGHT_MAX = 64
 
 
 class History:
@@ -49,34 +44,19 @@ class History:
     async def replay(self, box: "Outbox", last_seq: int | None) -> int | None:
         """Write what `box` missed after `last_seq`; see Delivery.attach."""
         user_id = box.user_id
-        last = await self.store.last_seq(user_id)
         if last_seq is None:
+            last = await self.store.last_seq(user_id)
             # Only what is published from now on, and whatever reached this socket while the
             # store was read is that, even when the read already counted it (numbered between
             # the read's start and its answer): start there, not after it.
             box.next_seq = min(last + 1, min(box.held)) if box.held else last + 1
             return None
-        waited = 0.0
-        while True:
-            if last_seq >= last:
-                box.next_seq = last + 1
-                return None
-            oldest = await self.store.oldest_seq(user_id)
-            if oldest is not None and oldest <= last_seq + 1:
-                break
-            # What follows last_seq is not stored: expired (the client must resync), or
-            # numbered by a publisher, here or in another process, that has not stored it yet.
-            # The second is only ever the newest few seqs, and lasts milliseconds: wait for it
-            # as the gap watcher does, rather than tell the client its history is gone.
-            missing = (last if oldest is None else oldest - 1) - last_seq
-            if missing > IN_FLIGHT_MAX or waited >= self.gap_give_up_s:
-                box.next_seq = last + 1
-                return oldest if oldest is not None else last + 1
-            await asyncio.sleep(self.gap_wait_s)
-            waited += self.gap_wait_s
-            if not self.delivery.current(box) or not box.subscribed:
-                return None
-            last = await self.store.last_seq(user_id)
+        gap, last = await history_gap(
+            self.store, user_id, last_seq, wait_s=self.gap_wait_s, give_up_s=self.gap_give_up_s,
+            wanted=lambda: self.delivery.current(box) and box.subscribed)
+        if gap is not None or last_seq >= last:
+            box.next_seq = last + 1
+            return gap
         box.next_seq = last_seq + 1
         while self.delivery.current(box) and box.subscribed:
             docs = await self.store.events_after(user_id, box.next_seq - 1, REPLAY_BATCH)

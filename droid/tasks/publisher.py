@@ -8,6 +8,7 @@ publisher (`receive`). It knows nothing of Socket.IO or HTTP: the layers above s
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any, Callable, Protocol
 
@@ -77,9 +78,10 @@ class EventsService:
         published here or received from another process (the real-time Delivery does)."""
         self._listeners.append(listener)
 
-    def watch(self, user_id: str) -> asyncio.Event:
-        """An event set whenever an envelope of the user is published (SSE streams)."""
-        wakeup = asyncio.Event()
+    def watch(self, user_id: str) -> "StreamWatch":
+        """Set whenever an envelope of the user is published, holding the live-only ones
+        (`task.progress`, not stored) until the SSE stream takes them."""
+        wakeup = StreamWatch()
         self._watchers.setdefault(user_id, set()).add(wakeup)
         return wakeup
 
@@ -121,8 +123,29 @@ class EventsService:
         """An envelope published here or, through the relay, by another process."""
         for listener in self._listeners:
             listener(user_id, event, envelope)
-        if envelope["seq"] is not None:
-            for wakeup in self._watchers.get(user_id, ()):
-                wakeup.set()
+        live = envelope["seq"] is None
+        for wakeup in self._watchers.get(user_id, ()):
+            if live:
+                wakeup.live.append(envelope)
+            wakeup.set()
         log.debug("delivered %s seq=%s of user %s", event, envelope["seq"], user_id)
 
+
+
+class StreamWatch(asyncio.Event):
+    """An SSE stream's wake-up, with the live-only envelopes published since it last looked.
+
+    Bounded: a stream that does not keep up loses the oldest pieces of progress (the finished
+    task carries the whole answer), never a stored envelope, which it reads from the store.
+    """
+
+    LIVE_MAX = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: collections.deque[dict] = collections.deque(maxlen=self.LIVE_MAX)
+
+    def take_live(self) -> list[dict]:
+        items = list(self.live)
+        self.live.clear()
+        return items
