@@ -20,7 +20,7 @@ The launcher wraps `droid.app.make_app` so that the application it builds also s
     GET  /bench/stats  {sockets, engineSockets, gc: {count, totalMs, maxMs, byGeneration}}
                        (?reset=1 zeroes the gc figures after reading them; ?objects=1 adds the
                        live AsyncSocket / Transport / WebSocketHandler / IOStream / Task
-                       objects, slow)
+                       objects, slow; ?tracked=1 the objects the collector tracks, by type)
     POST /bench/gc     gc.collect() then glibc's malloc_trim(0), answers {ok, collected, trimmed}
     POST /bench/heap   with BENCH_TRACEMALLOC=1 only: what grew since the previous call (tracemalloc)
 
@@ -32,6 +32,7 @@ PORT=0, HOST=127.0.0.1, JWT_SECRET, DROID_DEMO_DELAY_S=0, LOG_LEVEL=WARNING).
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import gc
 import os
@@ -173,6 +174,14 @@ class StatsHandler(BenchHandler):
                         counts[cls.__name__] += 1
                         break
             body["objects"] = counts
+        if self.get_query_argument("tracked", None):
+            # objects the collector tracks, by type (what a full collection walks): slow
+            tracked = collections.Counter(
+                f"coroutine {o.cr_code.co_qualname}" if type(o).__name__ == "coroutine"
+                else f"method {getattr(o, '__qualname__', '?')}" if type(o).__name__ == "method"
+                else type(o).__qualname__ for o in gc.get_objects())
+            body["tracked"] = {"total": sum(tracked.values()), "frozen": gc.get_freeze_count(),
+                               "byType": dict(tracked.most_common(40))}
         if self.get_query_argument("reset", None):
             GC_PAUSES.reset()
         self.reply(body)
@@ -204,6 +213,11 @@ def install(droid: Any) -> None:
 
     async def start_and_announce(*args: Any, **kwargs: Any) -> None:
         await start(*args, **kwargs)
+        if os.environ.get("BENCH_GC_THRESHOLD"):  # experiments: the collector's thresholds
+            # (after serving.py has set its own, once start-up is over)
+            asyncio.get_running_loop().call_later(
+                1.0, gc.set_threshold,
+                *(int(t) for t in os.environ["BENCH_GC_THRESHOLD"].split(",")))
         print(f"BENCH-READY port={droid.port} pid={os.getpid()}", flush=True)
 
     droid.start = start_and_announce

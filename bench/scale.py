@@ -161,6 +161,7 @@ def churn_latency(server: Server, clients: Clients, n: int, p: dict) -> dict:
 
     try:
         time.sleep(p["warmS"])
+        get_json(server.url + "/bench/stats?reset=1")  # garbage collections from here on
         meter = Meter(server, clients)
         w0 = time.monotonic() * 1000
         thread = threading.Thread(target=emit)
@@ -168,6 +169,7 @@ def churn_latency(server: Server, clients: Clients, n: int, p: dict) -> dict:
         thread.join()
         w1 = time.monotonic() * 1000
         usage = meter.stop()
+        gc_stats = get_json(server.url + "/bench/stats").get("gc") or {}
         for proc in clients.swarms:
             clients.send(proc, "stop")
         if "error" in emitted:
@@ -189,6 +191,8 @@ def churn_latency(server: Server, clients: Clients, n: int, p: dict) -> dict:
         # from the moment the server emitted each event: what the loop's lag hides
         **{f"{k[:-2]}FromPublishMs": v for k, v in lat["fromPublish"].items() if k != "n"},
         "emitterMaxLagMs": emitted.get("maxLagMs"), "emitS": (w1 - w0) / 1000, **usage,
+        "gcCount": gc_stats.get("count"), "gcTotalMs": gc_stats.get("totalMs"),
+        "gcMaxMs": gc_stats.get("maxMs"),
     }
 
 
