@@ -47,7 +47,7 @@ class Outbox:
         self.replaying = False
         self.subscribed = False
         self.gap_task: asyncio.Task | None = None
-        self.attaching: asyncio.Lock | None = None
+        self.attaching: list | None = None  # [lock, users] while a resume runs or waits
 
     @property
     def gone(self) -> bool:
@@ -102,16 +102,23 @@ class Delivery:
         if box is None:
             return None
         if box.attaching is None:
-            box.attaching = asyncio.Lock()
-        async with box.attaching:  # one replay at a time per socket
-            box.subscribed = True
-            box.replaying = True
-            box.held.clear()
-            try:
-                return await self.history.replay(box, last_seq)
-            finally:
-                box.replaying = False
-                self.release(box)
+            box.attaching = [asyncio.Lock(), 0]  # made for a resume, dropped after it
+        lock = box.attaching[0]
+        box.attaching[1] += 1
+        try:
+            async with lock:  # one replay at a time per socket
+                box.subscribed = True
+                box.replaying = True
+                box.held.clear()
+                try:
+                    return await self.history.replay(box, last_seq)
+                finally:
+                    box.replaying = False
+                    self.release(box)
+        finally:
+            box.attaching[1] -= 1
+            if not box.attaching[1]:
+                box.attaching = None
 
     def detach(self, sid: str) -> None:
         """Stop delivering envelopes to a socket (unsubscribe.tasks)."""

@@ -14,6 +14,11 @@ from typing import Any, Callable
 
 log = logging.getLogger("droid.realtime")
 
+# The context of the timers each socket keeps (token expiry, connect deadline): one empty
+# Context for all of them, where call_later would copy the caller's for each (three objects the
+# collector tracks, per socket, and what the caller's context held: a finished coroutine).
+QUIET = contextvars.Context()
+
 
 def run_eager(coro: Any) -> asyncio.Task | None:
     """Run a coroutine now, up to where it first waits: None if it finished there, else a Task

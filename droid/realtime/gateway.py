@@ -22,6 +22,7 @@ from ..util import iso, now_iso
 from .delivery import Delivery
 from .eager import run_eager
 from .guard import GuardedServer
+from .eager import QUIET
 from .wire import COUNT_EVENT, NAMESPACE, presence_room
 
 CONNECTED_MESSAGE = "Successfully connected to real-time events"
@@ -71,7 +72,7 @@ class SocketState:
         self.user_id = user_id
         self.expires_at = expires_at
         self.expiry: asyncio.TimerHandle | None = None
-        self.limiter = RateLimiter()
+        self.limiter: RateLimiter | None = None  # made at the socket's first client event
         self.subscribed = True
 
 
@@ -244,7 +245,8 @@ class EventsGateway:
         if state.expiry is not None:
             state.expiry.cancel()
         state.expiry = asyncio.get_running_loop().call_later(
-            max(0.0, state.expires_at - time.time()), self._expired, sid, state)
+            max(0.0, state.expires_at - time.time()), self._expired, sid, state,
+            context=QUIET)
 
     def _expired(self, sid: str, state: SocketState) -> None:
         state.expiry = None
@@ -263,14 +265,17 @@ class EventsGateway:
         state = self.sockets.get(sid)
         if state is None:
             return None
-        if state.limiter.allow():
+        limiter = state.limiter
+        if limiter is None:
+            limiter = state.limiter = RateLimiter()
+        if limiter.allow():
             return state
         # Every dropped event is answered (the contract: "dropped and answered"); a client that
         # floods without reading its answers falls behind and is cut by the slow-consumer bound.
         self.delivery.send(sid, "error", {"message": "Rate limit exceeded"})
         now = time.monotonic()
-        if now - state.limiter.warned_at >= 1.0:  # the log says it once a second
-            state.limiter.warned_at = now
+        if now - limiter.warned_at >= 1.0:  # the log says it once a second
+            limiter.warned_at = now
             gateway_log.info("client %s: rate limit exceeded", sid)
         return None
 

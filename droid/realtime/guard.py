@@ -40,7 +40,7 @@ from socketio import packet as sio_packet
 from ..errors import Invalid
 from ..web import BoundedBody, Origins, write_error
 from .adapter import SocketIOServerBase
-from .eager import spawn_logged
+from .eager import QUIET, spawn_logged
 from .transport import Bound
 from .engine import TransportServer
 from .wire import CLIENT_SOCKETIO_PACKETS, NAMESPACE, POLLING_ENGINE_PACKETS
@@ -180,6 +180,9 @@ class GuardedServer(SocketIOServerBase):
             await run()
         finally:
             _after_connect.reset(token)
+            # (timers made meanwhile copied this context: it must not keep the coroutines)
+            pending, held = list(pending), pending
+            held.clear()
             if pending:
                 namespace = namespace or "/"
                 sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
@@ -195,7 +198,7 @@ class GuardedServer(SocketIOServerBase):
         if session is not None:
             session.queue.session = session  # the queue sheds its own session
         asyncio.get_running_loop().call_later(self.connect_timeout_s, self._connect_deadline,
-                                              eio_sid)
+                                              eio_sid, context=QUIET)
 
     def _connect_deadline(self, eio_sid: str) -> None:
         session = self.eio.session(eio_sid)
