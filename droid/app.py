@@ -16,16 +16,20 @@ from tornado.log import access_log
 
 from . import __version__, logsafe
 from .agents import AgentService
+from .apikeys import ApiKeys
 from .auth import Passwords, Tokens
 from .config import Config
 from .cors import Origins, refuse_origins
 from .delivery import Delivery, websocket_handler
-from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence
+from .events import NAMESPACE, EventsGateway, EventsService, LocalPresence, presence_room
 from .front import Front, server_options
 from .guard import GuardedServer, guard_frames, guard_polling
 from .handlers.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler,
                            RegisterHandler, TaskHandler, TasksHandler)
 from .handlers.base import NotFoundHandler
+from .handlers.keys import ApiKeyHandler, ApiKeysHandler
+from .handlers.webhooks import (DeliveriesHandler, RetryDeliveryHandler, RotateSecretHandler,
+                                SendTestHandler, WebhookHandler, WebhooksHandler)
 from .handlers.events import EventsHandler, EventStreamHandler
 from .handlers.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler,
                               StaticHandler)
@@ -37,6 +41,7 @@ from .store import Store, store_from_config
 from .tasks import TaskService
 from .transport import TransportServer, tornado_handler
 from .util import OrjsonModule
+from .webhooks import Webhooks
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -108,7 +113,8 @@ class Droid:
     def __init__(self, config: Config, *, store: Store, sio: socketio.AsyncServer,
                  application: tornado.web.Application, worker: Worker, gateway: EventsGateway,
                  tasks: TaskService, presence: Any, redis: Any = None,
-                 owns_store: bool = True) -> None:
+                 owns_store: bool = True, api_keys: ApiKeys | None = None,
+                 webhooks: Webhooks | None = None) -> None:
         self.config = config
         self.store = store
         self.sio = sio
@@ -119,6 +125,8 @@ class Droid:
         self.presence = presence
         self.redis = redis
         self.owns_store = owns_store
+        self.api_keys = api_keys
+        self.webhooks = webhooks
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port: int | None = None
         self._stopped = False
@@ -139,6 +147,10 @@ class Droid:
             await self.sio.manager.start()
         await self.presence.start()
         await self.worker.start()
+        if self.api_keys is not None:
+            await self.api_keys.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
 
     async def stop(self) -> None:
         """Stop in reverse order of start: listening, the worker, sockets, storage."""
@@ -148,6 +160,10 @@ class Droid:
         if self.server is not None:
             self.server.stop()
         await self.worker.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+        if self.api_keys is not None:
+            await self.api_keys.stop()
         # python-socketio's shutdown stops its background tasks but leaves upgraded WebSocket
         # connections open; close them so that clients reconnect (to another process).
         for handler in list(self.application.settings["ws_handler"].live):
@@ -210,6 +226,18 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
                         retry_backoff_s=config.retry_backoff_s)
     agents = AgentService(store, default_model=config.llm_model)
     gateway = EventsGateway(sio, tokens, events, presence, metrics)
+    api_keys = ApiKeys(store, relay=manager)
+    gateway.api_keys = api_keys
+    api_keys.disconnect = gateway.disconnect_revoked
+    if manager is not None:
+        manager.on_notice = api_keys.on_notice
+
+    async def notify(user_id: str, event: str, data: dict) -> None:
+        # Every socket of the user, on every process (with Redis, python-socketio's room emit).
+        await sio.emit(event, data, room=presence_room(user_id), namespace=NAMESPACE)
+
+    webhooks = Webhooks(config, store, metrics=metrics, notify=notify)
+    events.on_stored = webhooks.stored
     if provider is None:
         provider = make_provider(base_url=config.llm_base_url, api_key=config.llm_api_key,
                                  model=config.llm_model, timeout_s=config.llm_timeout_s,
@@ -226,6 +254,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         default_handler_class=NotFoundHandler, log_function=log_request, websocket_max_message_size=MAX_PACKET,
         redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
         auth_limits=AuthLimits(config.auth_attempts_per_address, config.auth_failures_per_account),
+        api_keys=api_keys, webhooks=webhooks,
     )
     ws_handler = socketio_handler(sio, events.delivery, config.ws_compression, origins)
     routes = [
@@ -237,6 +266,14 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         (r"/tasks", TasksHandler),
         (r"/tasks/([^/]+)", TaskHandler),
         (r"/tasks/([^/]+)/cancel", CancelHandler),
+        (r"/api-keys", ApiKeysHandler),
+        (r"/api-keys/([^/]+)", ApiKeyHandler),
+        (r"/webhooks", WebhooksHandler),
+        (r"/webhooks/([^/]+)", WebhookHandler),
+        (r"/webhooks/([^/]+)/rotate-secret", RotateSecretHandler),
+        (r"/webhooks/([^/]+)/test", SendTestHandler),
+        (r"/webhooks/([^/]+)/deliveries", DeliveriesHandler),
+        (r"/webhooks/([^/]+)/deliveries/([^/]+)/retry", RetryDeliveryHandler),
         (r"/events", EventsHandler),
         (r"/events/stream", EventStreamHandler),
         (r"/metrics", MetricsHandler),
@@ -247,7 +284,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     application = Front(routes, ws_handler=ws_handler, **settings)
     return Droid(config, store=store, sio=sio, application=application, worker=worker,
                  gateway=gateway, tasks=tasks, presence=presence, redis=redis,
-                 owns_store=owns_store)
+                 owns_store=owns_store, api_keys=api_keys, webhooks=webhooks)
 
 
 async def _redis_ok(redis: Any) -> bool:

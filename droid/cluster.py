@@ -145,6 +145,9 @@ class RedisManager(socketio.AsyncRedisManager):
         self.redis = redis if redis is not None else make_redis(url, tls_verify=tls_verify)
         self.counts_channel = channel + ":counts"
         self.envelopes_channel = channel + ":envelopes"
+        # Hook: notices between processes, `on_notice(kind, payload)` (an API key revoked).
+        self.notices_channel = channel + ":notices"
+        self.on_notice: Any = None
         # Set when wiring the app: what to do with another process's task envelope, and what
         # to do after an outage of the subscription (look for envelopes missed meanwhile).
         self.on_envelope: Any = None
@@ -220,6 +223,10 @@ class RedisManager(socketio.AsyncRedisManager):
         """Hand a task envelope to every other process (their Delivery puts it in order)."""
         await self._send(self.envelopes_channel, dumps([self.host_id, user_id, event, envelope]))
 
+    async def publish_notice(self, kind: str, payload: Any) -> None:
+        """Tell every other process something; `on_notice(kind, payload)` there."""
+        await self._send(self.notices_channel, dumps([self.host_id, kind, payload]))
+
     async def count_changed(self, user_id: str) -> None:
         """The user's socket count changed: every process re-reads it and tells its sockets."""
         self._recount_soon(user_id)
@@ -260,7 +267,8 @@ class RedisManager(socketio.AsyncRedisManager):
             _stopped_or_cancelled(self._closed)
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel, self.counts_channel, self.envelopes_channel)
+                await pubsub.subscribe(self.channel, self.counts_channel, self.envelopes_channel,
+                                       self.notices_channel)
                 async for data in self._read(pubsub):
                     yield data
             except UNAVAILABLE as exc:
@@ -277,6 +285,7 @@ class RedisManager(socketio.AsyncRedisManager):
     async def _read(self, pubsub: Any) -> AsyncIterator[bytes]:
         channel, counts_channel = self.channel.encode(), self.counts_channel.encode()
         envelopes_channel = self.envelopes_channel.encode()
+        notices_channel = self.notices_channel.encode()
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged = False
@@ -297,7 +306,7 @@ class RedisManager(socketio.AsyncRedisManager):
             kind = message["type"]
             if kind == "subscribe":
                 confirmed += 1
-                if confirmed == 3:
+                if confirmed == 4:
                     # Confirmed by Redis: from here on nothing published is missed.
                     self._subscribed.set()
                     self._tried.set()
@@ -308,6 +317,8 @@ class RedisManager(socketio.AsyncRedisManager):
                     self.listening.recovered()
             elif kind == "message" and message["channel"] == envelopes_channel:
                 self._envelope(message["data"])
+            elif kind == "message" and message["channel"] == notices_channel:
+                self._notice(message["data"])
             elif kind == "message" and message["channel"] == channel:
                 yield message["data"]
             elif kind == "message" and message["channel"] == counts_channel:
@@ -323,6 +334,15 @@ class RedisManager(socketio.AsyncRedisManager):
             return
         if host_id != self.host_id and self.on_envelope is not None:
             self.on_envelope(user_id, event, envelope)
+
+    def _notice(self, data: bytes) -> None:
+        try:
+            host_id, kind, payload = loads(data)
+        except (ValueError, TypeError):
+            log.warning("ignored a malformed notice on %s", self.notices_channel)
+            return
+        if host_id != self.host_id and self.on_notice is not None:
+            self.on_notice(kind, payload)
 
     # counts ----------------------------------------------------------------------------------
 

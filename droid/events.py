@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 import socketio
 
+from .apikeys import is_api_key
 from .auth import AuthError, Tokens, bearer
 from .delivery import MAX_BACKLOG_BYTES, Delivery
 from .store import Store
@@ -89,6 +90,9 @@ class EventsService:
         self.user_locks = KeyedLocks()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._emitted: dict[str, Any] = {}  # events_emitted's child counter by event name
+        # Hook: `on_stored(user_id, seq)` once an envelope is stored (webhooks: a wake-up only;
+        # they read what to deliver from the stored log).
+        self.on_stored: Callable[[str, int], None] | None = None
 
     def watch(self, user_id: str) -> asyncio.Event:
         """An event set whenever an envelope of the user is published (SSE streams)."""
@@ -114,6 +118,8 @@ class EventsService:
             now = utcnow()
             envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": None}
             await self.store.append_event(user_id, event, envelope, now)  # numbers it: seq
+            if self.on_stored is not None:
+                self.on_stored(user_id, envelope["seq"])
             await self._fan_out(user_id, event, envelope)
 
     async def _fan_out(self, user_id: str, event: str, envelope: dict) -> None:
@@ -240,6 +246,7 @@ class EventsGateway:
         self.events = events
         self.presence = presence or LocalPresence()
         self.metrics = metrics
+        self.api_keys: Any = None  # droid.apikeys.ApiKeys, set when wiring the app
         self.sockets: dict[str, SocketState] = {}
         self._background: set[asyncio.Task] = set()
         for name, handler in (("connect", self.on_connect), ("disconnect", self.on_disconnect),
@@ -268,7 +275,11 @@ class EventsGateway:
         # is an instance of a class defined per request (2.5 KB), which nothing reads again.
         environ.pop("wsgi.input", None)
         try:
-            identity = self.tokens.verify(_token_from(environ, auth))
+            token = _token_from(environ, auth)
+            if self.api_keys is not None and is_api_key(token):  # hook: API keys (apikeys.py)
+                identity = await self.api_keys.verify(token)
+            else:
+                identity = self.tokens.verify(token)
         except AuthError as exc:
             gateway_log.info("refused connection %s from %s: %s", sid, _peer(environ),
                              exc.message)
@@ -283,6 +294,8 @@ class EventsGateway:
             raise socketio.exceptions.ConnectionRefusedError("Too many connections", {"code": 429})
         state = SocketState(user_id, identity.expires_at)
         self.sockets[sid] = state
+        if identity.key_id is not None and self.api_keys is not None:
+            self.api_keys.sockets.opened(sid, identity.key_id)  # disconnected on revocation
         self._schedule_expiry(sid, state)
         gateway_log.info("client %s connected from %s (user %s)", sid, _peer(environ), user_id)
         # The CONNECT answer goes out once this handler returns: welcome the client after it,
@@ -325,6 +338,8 @@ class EventsGateway:
         state = self.sockets.pop(sid, None)
         if state is None:
             return
+        if self.api_keys is not None:
+            self.api_keys.sockets.closed(sid)
         if state.expiry is not None:
             state.expiry.cancel()
         self.events.delivery.remove(sid)
@@ -372,6 +387,13 @@ class EventsGateway:
         state.expiry = None
         if self.sockets.get(sid) is state:
             self._spawn(self._expire(sid))
+
+    async def disconnect_revoked(self, sid: str, payload: dict) -> None:
+        """Hook of droid/apikeys.py: the socket's API key was revoked."""
+        if sid in self.sockets:
+            gateway_log.info("client %s: API key revoked, disconnecting", sid)
+            self.events.delivery.send(sid, "auth.revoked", payload)
+            await self.sio.disconnect(sid, namespace=NAMESPACE)
 
     async def _expire(self, sid: str) -> None:
         gateway_log.info("client %s: token expired, disconnecting", sid)
