@@ -65,7 +65,6 @@ class Deliverer:
         self.metrics = metrics
         self.on_disabled = on_disabled
         self._wakeup = asyncio.Event()
-        self._next_due = float("inf")  # monotonic time of the next retry scheduled here
         self._running: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
 
@@ -113,14 +112,11 @@ class Deliverer:
             task.add_done_callback(lambda t: (self._running.discard(t), slots.release()))
 
     async def _idle(self) -> None:
-        wait = min(POLL_S, max(0.01, self._next_due - time.monotonic()))
         self._wakeup.clear()
         try:
-            await asyncio.wait_for(self._wakeup.wait(), wait)
+            await asyncio.wait_for(self._wakeup.wait(), POLL_S)
         except asyncio.TimeoutError:
             pass
-        if self._next_due <= time.monotonic():
-            self._next_due = float("inf")
 
     # one attempt -----------------------------------------------------------------------------
 
@@ -170,7 +166,8 @@ class Deliverer:
             if answer.retry_after is not None and answer.status in (429, 503):
                 delay = max(delay, min(answer.retry_after, RETRY_AFTER_MAX_S))
             status, next_at = "pending", now + dt.timedelta(seconds=delay)
-            self._next_due = min(self._next_due, time.monotonic() + delay)
+            if delay < POLL_S:  # sooner than the next poll (short test schedules)
+                asyncio.get_running_loop().call_later(delay, self._wakeup.set)
         else:
             status = "succeeded" if result == "succeeded" else "failed"
             next_at = None
