@@ -294,3 +294,10 @@ class Delivery(BaseModel):
 class DeliveryPage(BaseModel):
     items: list[Delivery]
     nextCursor: str | None
+
+
+class WebhookPayload(BaseModel):
+    """The body of a delivery: one envelope of a task event (or webhook.test)."""
+    type: str = Field(description="the event: task.completed, ..., or webhook.test")
+    timestamp: str = Field(description="when the event happened (the envelope's timestamp)")
+    data: dict[str, Any] = Field(description="the envelope's data plus its seq")
