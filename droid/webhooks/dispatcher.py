@@ -35,6 +35,7 @@ SWEEP_S = 2.0
 NO_ENDPOINTS_S = 2.0
 HOLE_S = 5.0
 BATCH = 200
+MAX_ROUNDS = 50  # batches per catch-up; the sweep goes on from there
 _KNOWN_MAX = 100_000
 
 
@@ -130,29 +131,34 @@ class Dispatcher:
 
     async def _advance(self, user_id: str, endpoints: list[dict]) -> int:
         made = 0
-        while endpoints:
+        for _ in range(MAX_ROUNDS):
+            if not endpoints:
+                break
             low = min(e["cursor"] for e in endpoints)
             events = await self.store.events_after(user_id, low, BATCH)
             if not events:
                 break
             now = utcnow()
-            moving = []
+            again = []
             for endpoint in endpoints:
                 cursor, deliveries = self._plan(endpoint, events, now)
                 if cursor == endpoint["cursor"]:
-                    continue
+                    continue  # caught up, or waiting for a hole to fill
                 if await self.store.advance_webhook(endpoint["_id"], endpoint["cursor"], cursor,
                                                     deliveries):
                     endpoint["cursor"] = cursor
                     made += len(deliveries)
-                    moving.append(endpoint)
-                # else another process moved it (or it was disabled): its business now
+                    self.created += len(deliveries)
+                    again.append(endpoint)
+                    continue
+                # Another process moved it first, maybe not as far as this one's envelopes:
+                # go on from where it is now.
+                fresh = await self.store.webhook_by_id(endpoint["_id"])
+                if fresh is not None and fresh["enabled"]:
+                    again.append(fresh)
             if made:
-                self.created += made
                 self.on_created()
-            if len(events) < BATCH:
-                break
-            endpoints = moving
+            endpoints = again
         return made
 
     def _plan(self, endpoint: dict, events: list[dict], now: dt.datetime) -> tuple[int, list]:
