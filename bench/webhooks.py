@@ -255,7 +255,7 @@ async def main_async(args: argparse.Namespace) -> None:
     out = RESULTS / f"webhooks-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"results": results, "args": vars(args)}, indent=2))
     print("\n| processes | tasks | all delivered | 1st attempts failed | duplicates | "
-          f"deliveries/s | event -> 1st attempt p50 / p99 (ms) | event -> 1st 2xx p50 / p99 (ms) |")
+          "deliveries/s | event -> 1st attempt p50 / p99 (ms) | event -> 1st 2xx p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         a, b = r["toFirstAttemptMs"], r["toFirst2xxMs"]
