@@ -56,6 +56,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores)."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + parts[4]
+    return (sum(parts[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(samples: list[float], p: float) -> float:
     if not samples:
         return float("nan")
@@ -171,11 +184,17 @@ async def run(args: argparse.Namespace, processes: int) -> dict:
                    DROID_WEBHOOK_ALLOW_PRIVATE="true", DROID_ENV="test",
                    DROID_WEBHOOK_RETRY_SCHEDULE=args.schedule, PYTHONPATH=str(ROOT))
         log = work / f"droid-{i}.log"
-        procs.append(subprocess.Popen([sys.executable, "-m", "droid"], cwd=work, env=env,
+        command = [sys.executable, "-m", "droid"]
+        if args.profile:  # cProfile of each server, written when it stops (SIGTERM)
+            RESULTS.mkdir(exist_ok=True)
+            command[1:1] = ["-m", "cProfile", "-o", str(RESULTS / f"webhooks-{processes}-{i}.prof")]
+        procs.append(subprocess.Popen(command, cwd=work, env=env,
                                       stdout=open(log, "wb"), stderr=subprocess.STDOUT))
         urls.append(f"http://127.0.0.1:{p}")
         await wait_ready(urls[-1], procs[-1], log)
     http = AsyncHTTPClient(force_instance=True, max_clients=USERS * WINDOW + 8)
+    proc_cpu: dict[int, float] = {}
+    busy_before = machine_busy_s()
     try:
         keys = []
         for u in range(USERS):
@@ -184,9 +203,10 @@ async def run(args: argparse.Namespace, processes: int) -> dict:
                                "password": "correct horse battery"})
             key = (await call(http, "POST", urls[0] + "/api-keys", {"name": "bench"},
                               token=auth["accessToken"]))["key"]
-            hook = await call(http, "POST", urls[0] + "/webhooks",
-                              {"url": f"http://127.0.0.1:{port}/u{u}"}, token=key)
-            receiver.secrets[f"/u{u}"] = hook["secret"]
+            if not args.no_endpoints:
+                hook = await call(http, "POST", urls[0] + "/webhooks",
+                                  {"url": f"http://127.0.0.1:{port}/u{u}"}, token=key)
+                receiver.secrets[f"/u{u}"] = hook["secret"]
             keys.append(key)
         per_user = args.tasks // USERS
         task_ids: list[str] = []
@@ -205,7 +225,7 @@ async def run(args: argparse.Namespace, processes: int) -> dict:
         deadline = time.monotonic() + args.timeout
         while True:
             delivered = {receiver.task_of[i] for i in receiver.first_ok}
-            if wanted <= delivered or time.monotonic() > deadline:
+            if wanted <= delivered or time.monotonic() > deadline or args.no_endpoints:
                 break
             receiver.changed.clear()
             try:
@@ -214,6 +234,7 @@ async def run(args: argparse.Namespace, processes: int) -> dict:
                 pass
         # let late duplicates show up: a short, bounded look after the last delivery
         await asyncio.sleep(args.settle)
+        proc_cpu.update({p.pid: cpu_seconds(p.pid) for p in procs})
     finally:
         http.close()
         for proc in procs:
@@ -224,9 +245,12 @@ async def run(args: argparse.Namespace, processes: int) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
         receiver.server.stop()
+    cpu_s = [proc_cpu.get(p.pid, 0.0) for p in procs]
     delivered = {receiver.task_of[i] for i in receiver.first_ok}
     first_attempt = [receiver.first_seen[i] - receiver.event_at[i] for i in receiver.first_seen]
     first_ok = [receiver.first_ok[i] - receiver.event_at[i] for i in receiver.first_ok]
+    if not first_ok:  # --no-endpoints
+        first_attempt = first_ok = [float("nan")]
     span = (max(receiver.ok_times) - min(receiver.ok_times)) if receiver.ok_times else 0
     return {
         "processes": processes, "tasks": len(task_ids), "submitSeconds": round(submitted, 2),
@@ -242,6 +266,10 @@ async def run(args: argparse.Namespace, processes: int) -> dict:
             ("p50", statistics.median(first_ok)), ("p99", pct(first_ok, 99)),
             ("max", max(first_ok)))},
         "schedule": args.schedule,
+        "serverCpuSeconds": [round(c, 2) for c in cpu_s],
+        "serverCpuMsPerTask": round(1000 * sum(cpu_s) / max(1, len(task_ids)), 2),
+        "machineBusyCores": round((machine_busy_s() - busy_before) /
+                                  max(1e-9, time.time() - started), 2),
     }
 
 
@@ -274,6 +302,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=23)
+    parser.add_argument("--no-endpoints", action="store_true",
+                        help="the same load without any endpoint (the server's CPU without "
+                             "webhooks, to compare)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each server under cProfile (bench/results/webhooks-N-i.prof)")
     asyncio.run(main_async(parser.parse_args()))
 
 

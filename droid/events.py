@@ -90,9 +90,9 @@ class EventsService:
         self.user_locks = KeyedLocks()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._emitted: dict[str, Any] = {}  # events_emitted's child counter by event name
-        # Hook: `on_stored(user_id, seq)` once an envelope is stored (webhooks: a wake-up only;
-        # they read what to deliver from the stored log).
-        self.on_stored: Callable[[str, int], None] | None = None
+        # Hook: `on_stored(user_id, event, seq)` once an envelope is stored (webhooks: a wake-up
+        # only; they read what to deliver from the stored log).
+        self.on_stored: Callable[[str, str, int], None] | None = None
 
     def watch(self, user_id: str) -> asyncio.Event:
         """An event set whenever an envelope of the user is published (SSE streams)."""
@@ -119,7 +119,7 @@ class EventsService:
             envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": None}
             await self.store.append_event(user_id, event, envelope, now)  # numbers it: seq
             if self.on_stored is not None:
-                self.on_stored(user_id, envelope["seq"])
+                self.on_stored(user_id, event, envelope["seq"])
             await self._fan_out(user_id, event, envelope)
 
     async def _fan_out(self, user_id: str, event: str, envelope: dict) -> None:

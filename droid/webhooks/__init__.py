@@ -59,10 +59,10 @@ class Webhooks:
         self.service.lookup = fn
         self.sender.resolver.lookup = fn
 
-    def stored(self, user_id: str, seq: int) -> None:
+    def stored(self, user_id: str, event: str, seq: int) -> None:
         """The publisher stored an envelope of the user (EventsService.on_stored)."""
         if self.active:
-            self.dispatcher.stored(user_id, seq)
+            self.dispatcher.stored(user_id, event, seq)
 
     async def start(self) -> None:
         if self.config.webhook_allow_private:

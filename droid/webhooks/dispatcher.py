@@ -10,8 +10,10 @@ never make one delivery twice, whoever gets there.
 What starts the work: an envelope of a user stored by this process (`stored`, called by the
 publisher: the common case, at once), and a sweep every SWEEP_S seconds for the endpoints whose
 cursor is behind their owner's log (envelopes of processes that died, of processes that do not
-dispatch, or published before an endpoint created elsewhere was known here). Users known to have
-no endpoint are remembered for NO_ENDPOINTS_S, so that publishing costs nothing for them.
+dispatch, or published before an endpoint created elsewhere was known here). What a user's
+endpoints want is remembered for KNOWN_S, so that an envelope no endpoint wants (every envelope of
+a user without endpoints, a task.created when only terminal events are wanted) costs nothing when
+it is published: the cursor passes it with the next wanted one, or with the sweep.
 
 A hole in a user's log (a seq numbered but not stored yet, possible where numbering and storing
 are two steps) holds the cursor back until it fills, or for HOLE_S at most (the publisher died
@@ -32,7 +34,7 @@ from .service import new_delivery
 log = logging.getLogger(__name__)
 
 SWEEP_S = 2.0
-NO_ENDPOINTS_S = 2.0
+KNOWN_S = 2.0
 HOLE_S = 5.0
 BATCH = 200
 MAX_ROUNDS = 50  # batches per catch-up; the sweep goes on from there
@@ -47,26 +49,30 @@ class Dispatcher:
         self.first_delay = dt.timedelta(seconds=first_delay_s)
         self.on_created = on_created
         self._dirty: set[str] = set()
-        self._no_endpoints: dict[str, float] = {}  # user id -> until when (monotonic)
+        # user id -> (the events their enabled endpoints want, until when: monotonic)
+        self._wanted: dict[str, tuple[frozenset, float]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.created = 0  # deliveries this process made (tests, logs)
 
     # what wakes it ---------------------------------------------------------------------------
 
-    def stored(self, user_id: str, seq: int) -> None:
+    def stored(self, user_id: str, event: str, seq: int) -> None:
         """An envelope of the user was stored by this process (the publisher's hook)."""
-        until = self._no_endpoints.get(user_id)
-        if until is not None:
+        known = self._wanted.get(user_id)
+        if known is not None:
+            wanted, until = known
             if until > time.monotonic():
-                return
-            del self._no_endpoints[user_id]
+                if event not in wanted:
+                    return  # no endpoint wants it: the cursor passes it with the next one
+            else:
+                del self._wanted[user_id]
         self._dirty.add(user_id)
         self._wakeup.set()
 
     def changed(self, user_id: str) -> None:
         """The user's endpoints changed in this process."""
-        self._no_endpoints.pop(user_id, None)
+        self._wanted.pop(user_id, None)
         self._dirty.add(user_id)
         self._wakeup.set()
 
@@ -112,10 +118,11 @@ class Dispatcher:
     async def catch_up(self, user_id: str) -> int:
         """Turn the user's new envelopes into deliveries for each enabled endpoint; how many."""
         endpoints = [e for e in await self.store.webhooks_of(user_id) if e["enabled"]]
+        if len(self._wanted) >= _KNOWN_MAX:
+            self._wanted.clear()
+        self._wanted[user_id] = (frozenset(ev for e in endpoints for ev in e["events"]),
+                                 time.monotonic() + KNOWN_S)
         if not endpoints:
-            if len(self._no_endpoints) >= _KNOWN_MAX:
-                self._no_endpoints.clear()
-            self._no_endpoints[user_id] = time.monotonic() + NO_ENDPOINTS_S
             return 0
         return await self._advance(user_id, endpoints)
 
