@@ -992,6 +992,16 @@ async def test_webhooks_behind_and_a_cursor_that_moves_once(backend: Backend) ->
     page = await store.deliveries_page(hook["_id"], status=None, limit=10, after=None)
     assert sorted(d["seq"] for d in page) == [1, 3, 4]
 
+    # enabled again from the present (cursor = the last seq): behind only after a new envelope
+    assert await store.update_webhook(off["_id"], alice, {"enabled": True, "cursor": 4})
+    assert [d["_id"] for d in await store.webhooks_behind()] == []
+    await store.append_event(alice, "task.created",
+                             {"event": "task.created", "data": {}, "timestamp": "t"}, now)
+    assert sorted(d["_id"] for d in await store.webhooks_behind()) == sorted(
+        [hook["_id"], off["_id"]])
+    assert await store.advance_webhook(off["_id"], 4, 5, []) is True
+    assert [d["_id"] for d in await store.webhooks_behind()] == [hook["_id"]]
+
     assert await store.delete_webhook(hook["_id"], bob) is False
     assert await store.delete_webhook(hook["_id"], alice) is True
     assert await store.deliveries_page(hook["_id"], status=None, limit=10, after=None) == []

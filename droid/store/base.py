@@ -241,7 +241,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def webhooks_behind(self, limit: int = 100) -> list[dict]:
-        """Enabled endpoints whose cursor is behind the last seq of their owner's event log."""
+        """Enabled endpoints whose cursor is behind the last seq of their owner's event log.
+        SQLite keeps each enabled endpoint's owner's last seq by a trigger on the event log, so
+        this reads the endpoints behind and nothing else; MongoDB (no triggers) reads two small
+        fields per enabled endpoint and the owners' counters in batches."""
 
     @abc.abstractmethod
     async def advance_webhook(self, webhook_id: str, cursor: int, new_cursor: int,
