@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import secrets
 
 from standardwebhooks import Webhook
@@ -18,11 +19,16 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+@functools.lru_cache(maxsize=1024)
+def _signer(secret: str) -> Webhook:
+    return Webhook(secret)  # decodes the secret once, not at every delivery
+
+
 def signature(secrets_: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header: a signature by each secret (the current one first)."""
     when = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
     text = body.decode()
-    return " ".join(Webhook(secret).sign(msg_id, when, text) for secret in secrets_)
+    return " ".join(_signer(secret).sign(msg_id, when, text) for secret in secrets_)
 
 
 def headers(secrets_: list[str], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:

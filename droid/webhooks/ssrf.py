@@ -15,6 +15,7 @@ to a private one a moment later (DNS rebinding) cannot slip through between chec
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from typing import Any, Awaitable, Callable
@@ -49,6 +50,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def address_class(ip: IPAddress) -> str | None:
     """What makes an address unfit for webhooks ("loopback", "private", ...), None when it is
     a global unicast address."""
@@ -80,6 +82,7 @@ def refusal(ip: IPAddress, allow_private: bool) -> str | None:
     return kind
 
 
+@functools.lru_cache(maxsize=4096)  # at every delivery: the same few URLs again and again
 def check_url(url: str, *, production: bool) -> SplitResult:
     """The parts of an endpoint URL Droid may send to; Refused says what is wrong with it."""
     try:
