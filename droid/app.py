@@ -14,6 +14,7 @@ import tornado.web
 from tornado.log import access_log
 
 from . import __version__, logsafe
+from .apikeys import ApiKeys
 from .auth import Passwords, Tokens
 from .config import Config
 from .http.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler, RegisterHandler,
@@ -21,10 +22,13 @@ from .http.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler, Re
 from .http.base import NotFoundHandler
 from .http.eventlog import EventsHandler, EventStreamHandler
 from .http.front import Front, server_options
+from .http.keys import ApiKeyHandler, ApiKeysHandler
 from .http.openapi import build_openapi
 from .http.ratelimit import AuthLimits
 from .http.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler,
                           StaticHandler)
+from .http.webhooks import (DeliveriesHandler, RetryDeliveryHandler, RotateSecretHandler,
+                            SendTestHandler, WebhookHandler, WebhooksHandler)
 from .metrics import Metrics
 from .realtime.endpoint import MAX_PACKET, Realtime
 from .realtime.wire import NAMESPACE
@@ -35,6 +39,7 @@ from .tasks.publisher import EventsService
 from .tasks.service import TaskService
 from .tasks.worker import Worker
 from .web import Origins
+from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,8 @@ class Droid:
 
     def __init__(self, config: Config, *, store: Store, realtime: Realtime,
                  application: tornado.web.Application, worker: Worker, tasks: TaskService,
-                 redis: Any = None, owns_store: bool = True) -> None:
+                 api_keys: ApiKeys, webhooks: Webhooks, redis: Any = None,
+                 owns_store: bool = True) -> None:
         self.config = config
         self.store = store
         self.realtime = realtime
@@ -80,6 +86,8 @@ class Droid:
         self.application = application
         self.worker = worker
         self.tasks = tasks
+        self.api_keys = api_keys
+        self.webhooks = webhooks
         self.redis = redis
         self.owns_store = owns_store
         self.server: tornado.httpserver.HTTPServer | None = None
@@ -100,6 +108,8 @@ class Droid:
         self.port = sockets[0].getsockname()[1]
         await self.realtime.start()
         await self.worker.start()
+        await self.api_keys.start()
+        await self.webhooks.start()
 
     async def stop(self) -> None:
         """Stop in reverse order of start: listening, the worker, sockets, storage."""
@@ -109,6 +119,8 @@ class Droid:
         if self.server is not None:
             self.server.stop()
         await self.worker.stop()
+        await self.webhooks.stop()
+        await self.api_keys.stop()
         await self.realtime.close_sockets()
         await self.realtime.stop()
         if self.server is not None:
@@ -140,8 +152,11 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     origins = Origins(config.cors_origins)
     tokens = Tokens(config)
     events = EventsService(store, metrics, relay=manager)
+    api_keys = ApiKeys(store, relay=manager)
     realtime = Realtime(config, store=store, tokens=tokens, publisher=events, origins=origins,
-                        metrics=metrics, manager=manager)
+                        metrics=metrics, manager=manager, api_keys=api_keys)
+    webhooks = Webhooks(config, store, publisher=events, metrics=metrics,
+                        notify=realtime.notify)
     tasks = TaskService(store, events, max_retries=config.task_max_retries,
                         retry_backoff_s=config.retry_backoff_s)
     agents = AgentService(store, default_model=config.llm_model)
@@ -162,6 +177,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         log_function=log_request, websocket_max_message_size=MAX_PACKET,
         redis_health=(lambda: _redis_ok(redis)) if redis is not None else None,
         auth_limits=AuthLimits(config.auth_attempts_per_address, config.auth_failures_per_account),
+        api_keys=api_keys, webhooks=webhooks,
     )
     routes = [
         (r"/socket.io/", realtime.handler),  # first: every Socket.IO connection and poll is routed
@@ -172,6 +188,14 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         (r"/tasks", TasksHandler),
         (r"/tasks/([^/]+)", TaskHandler),
         (r"/tasks/([^/]+)/cancel", CancelHandler),
+        (r"/api-keys", ApiKeysHandler),
+        (r"/api-keys/([^/]+)", ApiKeyHandler),
+        (r"/webhooks", WebhooksHandler),
+        (r"/webhooks/([^/]+)", WebhookHandler),
+        (r"/webhooks/([^/]+)/rotate-secret", RotateSecretHandler),
+        (r"/webhooks/([^/]+)/test", SendTestHandler),
+        (r"/webhooks/([^/]+)/deliveries", DeliveriesHandler),
+        (r"/webhooks/([^/]+)/deliveries/([^/]+)/retry", RetryDeliveryHandler),
         (r"/events", EventsHandler),
         (r"/events/stream", EventStreamHandler),
         (r"/metrics", MetricsHandler),
@@ -181,7 +205,8 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     ]
     application = Front(routes, **settings)
     return Droid(config, store=store, realtime=realtime, application=application,
-                 worker=worker, tasks=tasks, redis=redis, owns_store=owns_store)
+                 worker=worker, tasks=tasks, api_keys=api_keys, webhooks=webhooks,
+                 redis=redis, owns_store=owns_store)
 
 
 async def _redis_ok(redis: Any) -> bool:

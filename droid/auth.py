@@ -34,6 +34,10 @@ class Identity:
     user_id: str
     expires_at: float
     claims: dict[str, Any]
+    # Set for an API key (droid/apikeys.py): "read" or "write", and the key's id. A JWT may do
+    # everything its user may.
+    scope: str | None = None
+    key_id: str | None = None
 
 
 class Passwords:

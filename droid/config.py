@@ -18,6 +18,11 @@ MAX_BACKLOG_BYTES = 4 * 1024 * 1024
 DRAIN_TIMEOUT_S = 30.0
 
 
+# Standard Webhooks' schedule: the delay before each attempt (immediately, 5 s, 5 min, 30 min,
+# 2 h, 5 h, 10 h, 10 h, 24 h: about 3 days in all).
+WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0, 86400.0)
+
+
 class ConfigError(Exception):
     """A variable has a value Droid cannot run with; the message names the variable."""
 
@@ -64,6 +69,12 @@ class Config:
     body_timeout_s: float = 60.0
     auth_attempts_per_address: int = 30  # a minute, login and registration together
     auth_failures_per_account: int = 10  # in 10 minutes, failed logins and registrations
+    # Webhooks (issue 23; README "API keys and webhooks").
+    webhook_retry_schedule: tuple[float, ...] = WEBHOOK_RETRY_SCHEDULE
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = 15.0
+    webhook_disable_after_s: float = 5 * 86400.0
+    webhook_concurrency: int = 8
     instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
 
     @property
@@ -151,6 +162,25 @@ def _proxies(env: Mapping[str, str]) -> tuple[str, ...]:
             raise ConfigError(f"DROID_TRUSTED_PROXIES: {item!r} is not an IP address or "
                               f"network") from None
     return items
+
+
+def _schedule(env: Mapping[str, str]) -> tuple[float, ...]:
+    raw = env.get("DROID_WEBHOOK_RETRY_SCHEDULE", "").strip()
+    if raw == "":
+        return WEBHOOK_RETRY_SCHEDULE
+    out = []
+    for item in raw.split(","):
+        try:
+            value = float(item.strip())
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= 7 * 86400:  # also NaN and inf
+            raise ConfigError("DROID_WEBHOOK_RETRY_SCHEDULE must be comma-separated seconds "
+                              f"(each 0 to 604800), got {raw!r}")
+        out.append(value)
+    if not 1 <= len(out) <= 20:
+        raise ConfigError("DROID_WEBHOOK_RETRY_SCHEDULE must list 1 to 20 delays")
+    return tuple(out)
 
 
 def _db_from_uri(uri: str | None) -> str | None:
@@ -248,6 +278,11 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         body_timeout_s=_float(env, "DROID_BODY_TIMEOUT_S", 60.0, 0.1),
         auth_attempts_per_address=_int(env, "DROID_AUTH_ATTEMPTS_PER_ADDRESS", 30, 1),
         auth_failures_per_account=_int(env, "DROID_AUTH_FAILURES_PER_ACCOUNT", 10, 1),
+        webhook_retry_schedule=_schedule(env),
+        webhook_allow_private=_bool(env, "DROID_WEBHOOK_ALLOW_PRIVATE", False),
+        webhook_timeout_s=_float(env, "DROID_WEBHOOK_TIMEOUT_S", 15.0, 0.1),
+        webhook_disable_after_s=_float(env, "DROID_WEBHOOK_DISABLE_AFTER_S", 5 * 86400.0, 1.0),
+        webhook_concurrency=_int(env, "DROID_WEBHOOK_CONCURRENCY", 8, 0, 256),
     )
 
 

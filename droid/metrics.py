@@ -21,5 +21,11 @@ class Metrics:
         self.attempts = Histogram("droid_attempt_seconds", "Duration of task attempts, by outcome",
                                   ["outcome"], registry=r,
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.webhook_deliveries = Counter(
+            "droid_webhook_deliveries", "Webhook delivery attempts, by outcome (succeeded, "
+            "retrying, failed, gone)", ["outcome"], registry=r)
+        self.webhook_attempt_seconds = Histogram(
+            "droid_webhook_attempt_seconds", "Duration of webhook delivery attempts, by outcome",
+            ["outcome"], registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15))
         self.http_requests = Counter("droid_http_requests", "HTTP requests, by status class",
                                      ["code"], registry=r)

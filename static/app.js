@@ -50,6 +50,8 @@
  *                         local connection notes (connect, disconnect, connect_error) are li.ev.ev-local
  *   #event-hide-generic, #event-hide-progress, #event-pause, #event-clear   its controls
  *   #event-count          number of entries
+ * Settings panel (static/settings.js lists its selectors)
+ *   #settings-panel       <details> with API keys and webhook endpoints
  * Other
  *   #announcer            aria-live region announcing status changes
  *   #toast                short notices (e.g. a cancel that came too late)
@@ -342,6 +344,8 @@
 
   function signOut(message) {
     generation++;
+    var settings = document.getElementById('settings-panel');
+    if (settings) settings.open = false;
     disconnectSocket();
     state.token = null;
     state.user = null;
@@ -910,6 +914,12 @@
       }
       case 'auth.expired':
         signOut('Your session expired. Please sign in again.');
+        return;
+      case 'auth.revoked':  // a page signed in with an API key that was revoked
+        signOut('Your API key was revoked.');
+        return;
+      case 'webhook.disabled':  // the settings panel (settings.js) shows it
+        window.dispatchEvent(new CustomEvent('droid:webhook.disabled', { detail: payload }));
         return;
       case 'resync':
         state.lastSeq = null;

@@ -30,6 +30,11 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(droid_
     The SSE stream never ends by design, so it has tests of its own (test_event_log.py).
     """
     app = await droid_factory(DROID_DEMO_DELAY_S=0)
+
+    async def no_dns(host: str, port: int) -> list:  # webhook URLs: no lookup leaves the box
+        raise OSError("no DNS in this test")
+
+    app.webhooks.lookup = no_dns
     api = Api(app.url)
     user = await api.register()
     api.close()

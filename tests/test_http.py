@@ -66,7 +66,10 @@ async def test_openapi_describes_every_route(api):
     assert reply.status == 200 and reply.body["openapi"].startswith("3.1")
     paths = reply.body["paths"]
     for path in ("/auth/register", "/auth/login", "/auth/me", "/agents", "/tasks", "/tasks/{id}",
-                 "/tasks/{id}/cancel", "/events", "/events/stream", "/metrics", "/health"):
+                 "/tasks/{id}/cancel", "/events", "/events/stream", "/metrics", "/health",
+                 "/api-keys", "/api-keys/{id}", "/webhooks", "/webhooks/{id}",
+                 "/webhooks/{id}/rotate-secret", "/webhooks/{id}/test",
+                 "/webhooks/{id}/deliveries", "/webhooks/{id}/deliveries/{deliveryId}/retry"):
         assert path in paths, path
     task_body = reply.body["components"]["schemas"]["TaskBody"]
     assert task_body["properties"]["prompt"]["maxLength"] == 32000

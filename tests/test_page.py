@@ -458,3 +458,75 @@ async def take_screenshots(chromium, app) -> None:
                                                   animations="disabled")
     for name in ("page-signed-out-desktop", "page-desktop", "page-phone", "page-phone-events"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------ settings panel
+
+async def test_settings_panel_keys_and_webhooks(chromium, droid_factory):
+    """Create and revoke an API key, add an endpoint (a real receiver on loopback), send a test
+    event and see its delivery, and see an endpoint disabled live (a 410)."""
+    from standardwebhooks import Webhook
+    from webhook_receiver import Receiver, Reply
+
+    receiver = await Receiver().start()
+    app = await droid_factory(DROID_WEBHOOK_ALLOW_PRIVATE="true",
+                              DROID_WEBHOOK_RETRY_SCHEDULE="0,0.2")
+    api = Api(app.url)
+    try:
+        page = await chromium.page(await chromium.context(), app.url + "/")
+        await sign_up(page, app.url)
+        await page.click("#settings-panel summary")
+        await expect(page.locator("#key-form")).to_be_visible()
+
+        # an API key, shown once, listed, usable, then revoked
+        await page.fill("#key-name", "CI runner")
+        await page.select_option("#key-scope", "read")
+        await page.click("#key-create")
+        await expect(page.locator("#key-new")).to_be_visible()
+        key = (await page.locator("#key-new-value").text_content()).strip()
+        assert re.match(r"^droid_sk_[A-Za-z0-9_-]{43}$", key), key
+        row = page.locator("#key-list li[data-key-id]")
+        await expect(row).to_have_count(1)
+        await expect(row.locator(".key-name")).to_have_text("CI runner")
+        await expect(row.locator(".key-scope")).to_have_text("read")
+        await expect(row.locator(".key-prefix")).to_have_text(key[:17] + "…")
+        assert (await api.get("/tasks", token=key)).status == 200
+        await row.locator(".key-revoke").click()
+        await expect(page.locator("#key-list li[data-key-id]")).to_have_count(0)
+        assert (await api.get("/tasks", token=key)).status == 401
+        # a refusal is shown
+        await page.click("#key-create")
+        await expect(page.locator("#key-error")).to_have_text("name must be a non-empty string")
+
+        # an endpoint, a test event, its delivery
+        await page.fill("#hook-url", receiver.url)
+        await page.click("#hook-create")
+        await expect(page.locator("#hook-new")).to_be_visible()
+        secret = (await page.locator("#hook-new-secret").text_content()).strip()
+        hook = page.locator("#hook-list li[data-endpoint-id]")
+        await expect(hook).to_have_count(1)
+        await expect(hook.locator(".hook-url")).to_have_text(receiver.url)
+        await expect(hook).to_have_attribute("data-enabled", "true")
+        await hook.locator(".hook-test").click()
+        delivered = hook.locator(".delivery-list li[data-status='succeeded']")
+        await expect(delivered).to_have_count(1)
+        await expect(delivered.locator(".delivery-event")).to_have_text("webhook.test")
+        await expect(delivered.locator(".delivery-attempts")).to_contain_text("HTTP 200")
+        got = receiver.received[0]
+        assert Webhook(secret).verify(got.body, got.headers)["type"] == "webhook.test"
+
+        # the receiver says 410: the endpoint is disabled, and the page hears it on the socket
+        receiver.answer = lambda r: Reply(410)
+        await hook.locator(".hook-test").click()
+        await expect(page.locator("#toast")).to_contain_text("Webhook endpoint disabled")
+        await expect(hook).to_have_attribute("data-enabled", "false")
+        await expect(hook.locator(".hook-state")).to_contain_text("410 Gone")
+        await expect(hook.locator(".delivery-list li[data-status='failed']")).to_have_count(1)
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.locator("#settings-panel").screenshot(path=ARTIFACTS / "page-settings.png",
+                                                         animations="disabled")
+        await hook.locator(".hook-delete").click()
+        await expect(page.locator("#hook-list li[data-endpoint-id]")).to_have_count(0)
+    finally:
+        api.close()
+        await receiver.stop()

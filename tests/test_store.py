@@ -27,6 +27,7 @@ from pymongo import AsyncMongoClient
 
 from droid.errors import Conflict
 from droid.store import PRIORITY_RANK, STATUSES, Store
+from droid.store.base import MAX_ATTEMPTS_KEPT
 from droid.store.mongo import MongoStore
 from droid.store.sqlite import SqliteStore
 from droid.util import utcnow
@@ -841,3 +842,263 @@ async def test_claim_key_under_20_concurrent_requests_has_one_winner(
     assert len(winners) == 1, results
     assert results == [winners[0]] * 20
     assert await stores[1].claim_key(alice, "k", "late", now, since) == winners[0]
+
+
+# API keys, webhook endpoints and deliveries (issue 23) -------------------------------------
+
+
+def key_doc(user_id: str, n: int = 0, **over) -> dict:
+    return {"_id": new_id(), "userId": user_id, "name": f"key {n}", "prefix": f"droid_sk_{n:08d}",
+            "scope": "write", "keyHash": uuid.uuid4().hex, "createdAt": utcnow(),
+            "lastUsedAt": None, **over}
+
+
+def webhook_doc(user_id: str, **over) -> dict:
+    now = utcnow()
+    return {"_id": new_id(), "userId": user_id, "url": "https://example.com/hook",
+            "events": ["task.completed"], "description": None, "enabled": True,
+            "disabledReason": None, "secret": "whsec_abc", "previousSecret": None,
+            "previousSecretUntil": None, "cursor": 0, "failingSince": None, "createdAt": now,
+            "updatedAt": now, **over}
+
+
+def delivery_doc(endpoint_id: str, user_id: str, seq: int | None, *, due: dt.datetime,
+                 created: dt.datetime | None = None, **over) -> dict:
+    created = created or utcnow()
+    return {"_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{endpoint_id}/{seq}")) if seq is not None
+            else new_id(), "endpointId": endpoint_id, "userId": user_id, "event": "task.completed",
+            "seq": seq, "webhookId": f"msg_{seq}", "payload": '{"type":"task.completed"}',
+            "status": "pending", "attempts": [], "attemptsLeft": 3, "nextAttemptAt": due,
+            "claim": None, "createdAt": created, "updatedAt": created, **over}
+
+
+def strip(doc: dict | None) -> dict | None:
+    """A stored document without the fields only one backend keeps for itself."""
+    if doc is None:
+        return None
+    return {k: v for k, v in doc.items() if k not in ("slot", "finishedAt")}
+
+
+async def test_api_keys_round_trip(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    base = utcnow()
+    first = key_doc(alice, 1, createdAt=base)
+    second = key_doc(alice, 2, createdAt=base + secs(1), scope="read")
+    for doc in (second, first, key_doc(bob)):
+        await store.insert_api_key(doc, 20)
+    assert [strip(d) for d in await store.api_keys_of(alice)] == [first, second]
+    assert strip(await store.api_key_by_hash(second["keyHash"])) == second
+    assert await store.api_key_by_hash("nope") is None
+    await store.touch_api_key(first["_id"], base + secs(5))
+    assert (await store.api_key_by_hash(first["keyHash"]))["lastUsedAt"] == base + secs(5)
+    assert await store.api_keys_existing([first["_id"], second["_id"], "gone"]) == \
+        {first["_id"], second["_id"]}
+    assert await store.delete_api_key(first["_id"], bob) is False
+    assert await store.delete_api_key(first["_id"], alice) is True
+    assert await store.delete_api_key(first["_id"], alice) is False
+    assert await store.api_key_by_hash(first["keyHash"]) is None
+    assert await store.api_keys_existing([first["_id"]]) == set()
+
+
+@pytest.mark.parametrize("kind", ["api_key", "webhook"])
+async def test_a_users_limit_holds_under_concurrent_inserts(backend: Backend, kind: str) -> None:
+    stores = await backend.peers(3)
+    alice, bob = new_id(), new_id()
+    make = key_doc if kind == "api_key" else lambda u, n=0: webhook_doc(u)
+    insert = [getattr(s, f"insert_{kind}") for s in stores]
+    await insert[0](make(bob), 3)  # another user's keys do not count
+    results = await asyncio.gather(*(insert[i % 3](make(alice, i), 3) for i in range(12)),
+                                   return_exceptions=True)
+    assert sum(r is None for r in results) == 3, results
+    assert all(isinstance(r, Conflict) for r in results if r is not None)
+    listed = await getattr(stores[0], "api_keys_of" if kind == "api_key" else "webhooks_of")(alice)
+    assert len(listed) == 3
+    # Deleting one frees its place.
+    if kind == "api_key":
+        assert await stores[1].delete_api_key(listed[0]["_id"], alice)
+    else:
+        assert await stores[1].delete_webhook(listed[0]["_id"], alice)
+    await insert[2](make(alice), 3)
+    with pytest.raises(Conflict):
+        await insert[0](make(alice), 3)
+
+
+async def test_webhooks_round_trip_update_and_owner_check(store: Store) -> None:
+    alice, bob = new_id(), new_id()
+    base = utcnow()
+    first = webhook_doc(alice, createdAt=base, updatedAt=base)
+    second = webhook_doc(alice, createdAt=base + secs(1), events=["task.failed", "task.created"])
+    await store.insert_webhook(second, 10)
+    await store.insert_webhook(first, 10)
+    assert [strip(d) for d in await store.webhooks_of(alice)] == [first, second]
+    assert await store.webhooks_of(bob) == []
+    assert strip(await store.webhook_by_id(first["_id"])) == first
+    assert strip(await store.webhook_by_id(first["_id"], alice)) == first
+    assert await store.webhook_by_id(first["_id"], bob) is None
+
+    assert await store.update_webhook(first["_id"], bob, {"url": "https://x"}) is None
+    changed = await store.update_webhook(first["_id"], alice, {
+        "enabled": False, "disabledReason": "410 Gone", "events": ["task.cancelled"],
+        "previousSecretUntil": base + secs(86400)})
+    assert strip(changed) == {**first, "enabled": False, "disabledReason": "410 Gone",
+                              "events": ["task.cancelled"],
+                              "previousSecretUntil": base + secs(86400)}
+    # if_enabled: a disabled endpoint is not disabled again
+    assert await store.update_webhook(first["_id"], None, {"disabledReason": "again"},
+                                      if_enabled=True) is None
+    assert strip(await store.update_webhook(second["_id"], None, {}, if_enabled=True)) == second
+
+    assert await store.webhook_failing(first["_id"], base + secs(10)) == base + secs(10)
+    assert await store.webhook_failing(first["_id"], base + secs(20)) == base + secs(10)
+    assert await store.webhook_failing("gone", base) is None
+    await store.update_webhook(first["_id"], None, {"failingSince": None})
+    assert await store.webhook_failing(first["_id"], base + secs(30)) == base + secs(30)
+
+
+async def test_webhooks_behind_and_a_cursor_that_moves_once(backend: Backend) -> None:
+    stores = await backend.peers(2)
+    store = stores[0]
+    alice, bob = new_id(), new_id()
+    hook = webhook_doc(alice)
+    off = webhook_doc(alice, enabled=False)
+    quiet = webhook_doc(bob)
+    for doc in (hook, off, quiet):
+        await store.insert_webhook(doc, 10)
+    assert await store.webhooks_behind() == []
+    now = utcnow()
+    for _ in range(3):
+        await store.append_event(alice, "task.completed",
+                                 {"event": "task.completed", "data": {}, "timestamp": "t"}, now)
+    assert [d["_id"] for d in await store.webhooks_behind()] == [hook["_id"]]
+
+    due = utcnow()
+    made = [delivery_doc(hook["_id"], alice, seq, due=due) for seq in (1, 3)]
+    # Two processes race to turn seq 1..3 into deliveries: one wins, nothing is stored twice.
+    won = await asyncio.gather(*(s.advance_webhook(hook["_id"], 0, 3, made) for s in stores))
+    assert sorted(won) == [False, True]
+    assert await store.advance_webhook(hook["_id"], 0, 3, made) is False
+    page = await store.deliveries_page(hook["_id"], status=None, limit=10, after=None)
+    assert sorted(d["seq"] for d in page) == [1, 3]
+    assert strip(await store.webhook_by_id(hook["_id"]))["cursor"] == 3
+    assert await store.webhooks_behind() == []
+    # A disabled endpoint's cursor does not move.
+    assert await store.advance_webhook(off["_id"], 0, 3, []) is False
+    # A delivery already stored (its process died before moving the cursor) is stored once.
+    await store.append_event(alice, "task.failed",
+                             {"event": "task.failed", "data": {}, "timestamp": "t"}, now)
+    again = [delivery_doc(hook["_id"], alice, 4, due=due)]
+    await store.insert_delivery(again[0])
+    assert await store.advance_webhook(hook["_id"], 3, 4, again) is True
+    page = await store.deliveries_page(hook["_id"], status=None, limit=10, after=None)
+    assert sorted(d["seq"] for d in page) == [1, 3, 4]
+
+    # enabled again from the present (cursor = the last seq): behind only after a new envelope
+    assert await store.update_webhook(off["_id"], alice, {"enabled": True, "cursor": 4})
+    assert [d["_id"] for d in await store.webhooks_behind()] == []
+    await store.append_event(alice, "task.created",
+                             {"event": "task.created", "data": {}, "timestamp": "t"}, now)
+    assert sorted(d["_id"] for d in await store.webhooks_behind()) == sorted(
+        [hook["_id"], off["_id"]])
+    assert await store.advance_webhook(off["_id"], 4, 5, []) is True
+    assert [d["_id"] for d in await store.webhooks_behind()] == [hook["_id"]]
+
+    assert await store.delete_webhook(hook["_id"], bob) is False
+    assert await store.delete_webhook(hook["_id"], alice) is True
+    assert await store.deliveries_page(hook["_id"], status=None, limit=10, after=None) == []
+    assert await store.webhook_by_id(hook["_id"]) is None
+
+
+async def test_deliveries_are_claimed_once_and_again_after_the_lease(backend: Backend) -> None:
+    stores = await backend.peers(3)
+    store = stores[0]
+    alice = new_id()
+    hook = webhook_doc(alice)
+    await store.insert_webhook(hook, 10)
+    now = utcnow()
+    n = 4 * backend.scale
+    docs = [delivery_doc(hook["_id"], alice, i, due=now - secs(n - i)) for i in range(n)]
+    future = delivery_doc(hook["_id"], alice, 10_000, due=now + secs(60))
+    for doc in (*docs, future):
+        await store.insert_delivery(doc)
+    lease = now + secs(30)
+    claims = await asyncio.gather(*(stores[i % 3].claim_delivery(f"c{i}", now, lease)
+                                    for i in range(2 * n)))
+    got = [c for c in claims if c is not None]
+    assert sorted(c["_id"] for c in got) == sorted(d["_id"] for d in docs)
+    assert all(c["nextAttemptAt"] == lease and c["claim"].startswith("c") for c in got)
+    assert await store.claim_delivery("late", now, lease) is None
+    # Once the lease has run out, the delivery is due again, for another claim.
+    again = await store.claim_delivery("next", lease, lease + secs(30))
+    assert again is not None and again["_id"] == docs[0]["_id"]
+    first = next(c for c in got if c["_id"] == docs[0]["_id"])
+    attempt = {"at": "2026-01-01T00:00:00.000Z", "statusCode": 500, "durationMs": 3,
+               "error": None, "response": "no", "instance": "i1"}
+    assert await store.finish_attempt(first["_id"], first["claim"], attempt,
+                                      {"status": "failed"}) is None  # no longer its claim
+    done = await store.finish_attempt(again["_id"], "next", attempt,
+                                      {"status": "pending", "attemptsLeft": 2,
+                                       "nextAttemptAt": now + secs(5), "updatedAt": now})
+    assert done["attempts"] == [attempt] and done["claim"] is None
+    assert done["attemptsLeft"] == 2 and done["nextAttemptAt"] == now + secs(5)
+    assert await store.finish_attempt(again["_id"], "next", attempt, {}) is None
+
+
+async def test_finish_attempt_keeps_the_last_attempts_and_retry(store: Store) -> None:
+    alice = new_id()
+    hook = webhook_doc(alice)
+    await store.insert_webhook(hook, 10)
+    now = utcnow()
+    doc = delivery_doc(hook["_id"], alice, 1, due=now)
+    await store.insert_delivery(doc)
+    for i in range(MAX_ATTEMPTS_KEPT + 3):
+        claimed = await store.claim_delivery(f"c{i}", now + secs(i), now + secs(i + 1))
+        assert claimed is not None
+        final = await store.finish_attempt(
+            doc["_id"], f"c{i}", {"at": str(i), "statusCode": 503, "durationMs": i,
+                                  "error": None, "response": ""},
+            {"status": "pending", "nextAttemptAt": now + secs(i + 1), "updatedAt": now})
+    assert [a["at"] for a in final["attempts"]] == [str(i) for i in range(3, MAX_ATTEMPTS_KEPT + 3)]
+    assert await store.retry_delivery(doc["_id"], hook["_id"], now, 1) is None  # still pending
+    claimed = await store.claim_delivery("last", now + secs(100), now + secs(101))
+    await store.finish_attempt(doc["_id"], "last", {"at": "x"},
+                               {"status": "failed", "nextAttemptAt": None, "updatedAt": now})
+    assert await store.retry_delivery(doc["_id"], "another-endpoint", now, 1) is None
+    retried = await store.retry_delivery(doc["_id"], hook["_id"], now + secs(200), 1)
+    assert retried["status"] == "pending" and retried["attemptsLeft"] == 1
+    assert retried["nextAttemptAt"] == now + secs(200)
+    assert strip(await store.delivery_by_id(doc["_id"], hook["_id"])) == strip(retried)
+    assert await store.delivery_by_id(doc["_id"], "another-endpoint") is None
+
+
+async def test_deliveries_page_newest_first_by_status_and_expiry(backend: Backend) -> None:
+    store = await backend.open(event_retention_s=3600)
+    alice = new_id()
+    hook = webhook_doc(alice)
+    await store.insert_webhook(hook, 10)
+    now = utcnow()
+    docs = [delivery_doc(hook["_id"], alice, i, due=now, created=now - secs(100 - i // 2),
+                         status=("pending", "succeeded", "failed")[i % 3],
+                         updatedAt=now - secs(4000 if i < 6 else 10))
+            for i in range(12)]
+    for doc in docs:
+        await store.insert_delivery(doc)
+    newest_first = sorted(docs, key=lambda d: (d["createdAt"], d["_id"]), reverse=True)
+    seen, after = [], None
+    while True:
+        page = await store.deliveries_page(hook["_id"], status=None, limit=5, after=after)
+        seen += [d["_id"] for d in page]
+        if len(page) < 5:
+            break
+        after = (page[-1]["createdAt"], page[-1]["_id"])
+    assert seen == [d["_id"] for d in newest_first]
+    failed = await store.deliveries_page(hook["_id"], status="failed", limit=10, after=None)
+    assert [d["_id"] for d in failed] == [d["_id"] for d in newest_first
+                                           if d["status"] == "failed"]
+    if backend.name == "mongo":  # finished deliveries carry the date the retention counts from
+        await store.deliveries.update_many({"status": {"$ne": "pending"}},
+                                           [{"$set": {"finishedAt": "$updatedAt"}}])
+    await store.expire(now)
+    left = await store.deliveries_page(hook["_id"], status=None, limit=20, after=None)
+    # Finished and older than the retention: gone. Pending ones stay whatever their age.
+    assert sorted(d["_id"] for d in left) == sorted(
+        d["_id"] for i, d in enumerate(docs) if i >= 6 or d["status"] == "pending")

@@ -9,8 +9,9 @@ import orjson
 import pydantic
 import tornado.web
 
+from ..apikeys import INVALID_KEY, SCOPE_DENIED, is_api_key
 from ..auth import AuthError, Identity, bearer
-from ..errors import ApiError, Invalid, Unauthorized
+from ..errors import ApiError, Forbidden, Invalid, Unauthorized
 from ..util import dumps
 from ..web import BoundedBody, write_api_error, write_error
 
@@ -73,6 +74,7 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
 
     def initialize(self) -> None:
         self.identity: Identity | None = None
+        self._key: Identity | AuthError | None = None  # an API key's lookup (prepare)
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -89,9 +91,22 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         self.start_body()
+        await self.look_up_key()
+
+    async def look_up_key(self) -> None:
+        """An API key needs a store read (a JWT does not): done here, where the handler may
+        wait, so that authenticate() stays synchronous. A key that fails is refused only if
+        the route asks who the caller is."""
+        token = self.bearer_token()
+        if not is_api_key(token) or self.answered:
+            return
+        try:
+            self._key = await self.settings["api_keys"].verify(token)
+        except AuthError as exc:
+            self._key = exc
 
     def options(self, *args: Any) -> None:
-        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, PATCH, DELETE, OPTIONS")
         self.set_header("Access-Control-Allow-Headers",
                         "Authorization, Content-Type, Idempotency-Key, Last-Event-ID")
         self.set_header("Access-Control-Max-Age", "600")
@@ -121,9 +136,21 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
         except pydantic.ValidationError as exc:
             raise invalid(exc) from None
 
+    def bearer_token(self) -> str | None:
+        return bearer(self.request.headers.get("Authorization"))
+
     def authenticate(self) -> Identity:
+        token = self.bearer_token()
+        if is_api_key(token):
+            key = self._key
+            if not isinstance(key, Identity):
+                raise Unauthorized(key.message if isinstance(key, AuthError) else INVALID_KEY)
+            if key.scope != "write" and self.request.method not in ("GET", "HEAD"):
+                raise Forbidden(SCOPE_DENIED)
+            self.identity = key
+            return key
         try:
-            self.identity = self.tokens.verify(bearer(self.request.headers.get("Authorization")))
+            self.identity = self.tokens.verify(token)
         except AuthError as exc:
             raise Unauthorized(exc.message) from None
         return self.identity
@@ -151,7 +178,7 @@ class ApiHandler(BoundedBody, tornado.web.RequestHandler):
 
     def allowed_methods(self) -> list[str]:
         base = tornado.web.RequestHandler
-        return [m for m in ("GET", "POST")
+        return [m for m in ("GET", "POST", "PATCH", "DELETE")
                 if getattr(type(self), m.lower()) is not getattr(base, m.lower())] + ["OPTIONS"]
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:

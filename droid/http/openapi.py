@@ -10,7 +10,10 @@ from . import schemas as s
 
 _MODELS: list[type[BaseModel]] = [s.RegisterBody, s.LoginBody, s.AgentBody, s.TaskBody, s.User,
                                   s.AuthReply, s.Agent, s.Task, s.TaskPage, s.Envelope,
-                                  s.EventPage, s.Health, s.ErrorReply]
+                                  s.EventPage, s.Health, s.ErrorReply, s.ApiKeyBody, s.ApiKey,
+                                  s.ApiKeyCreated, s.WebhookBody, s.WebhookPatch,
+                                  s.WebhookEndpoint, s.WebhookEndpointSecret, s.DeliveryAttempt,
+                                  s.Delivery, s.DeliveryPage, s.WebhookPayload]
 _ERR = {"description": "Error", "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/ErrorReply"}}}}
 
@@ -52,6 +55,58 @@ def _op(summary: str, ok: int, reply: type[BaseModel] | None, *, body: type[Base
 
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_DELIVERY_ID = _ID + [{"name": "deliveryId", "in": "path", "required": True,
+                       "schema": {"type": "string"}}]
+_NO_CONTENT = {"204": {"description": "Done (no body)"}}
+
+
+def _keys_and_webhooks() -> dict:
+    """Routes of API keys and webhook endpoints (issue 23). A `read` API key gets 403 on each
+    route that changes something."""
+    def write(summary: str, ok: int, reply: Any, **kw: Any) -> dict:
+        kw["errors"] = tuple(kw.get("errors", ())) + (403,)
+        return _op(summary, ok, reply, **kw)
+
+    def empty(summary: str, **kw: Any) -> dict:
+        op = write(summary, 204, None, **kw)
+        op["responses"] = {**_NO_CONTENT, **{k: v for k, v in op["responses"].items()
+                                             if k != "204"}}
+        return op
+
+    return {
+        "/api-keys": {
+            "get": _op("The caller's API keys, oldest first (never the keys themselves)", 200,
+                       s.ApiKey, array=True),
+            "post": write("Create an API key: the key is in this answer only", 201,
+                          s.ApiKeyCreated, body=s.ApiKeyBody, errors=(409,))},
+        "/api-keys/{id}": {"delete": empty("Revoke an API key, on every process, and "
+                                           "disconnect the sockets opened with it",
+                                           errors=(404,), params=_ID)},
+        "/webhooks": {
+            "get": _op("The caller's webhook endpoints", 200, s.WebhookEndpoint, array=True),
+            "post": write("Add a webhook endpoint: its signing secret is in this answer only",
+                          201, s.WebhookEndpointSecret, body=s.WebhookBody, errors=(409,))},
+        "/webhooks/{id}": {
+            "get": _op("One webhook endpoint", 200, s.WebhookEndpoint, errors=(404,),
+                       params=_ID),
+            "patch": write("Change a webhook endpoint (enabled: true starts it again from the "
+                           "present)", 200, s.WebhookEndpoint, body=s.WebhookPatch,
+                           errors=(404,), params=_ID),
+            "delete": empty("Delete a webhook endpoint and its delivery log", errors=(404,),
+                            params=_ID)},
+        "/webhooks/{id}/rotate-secret": {"post": write(
+            "A new signing secret; the old one keeps signing beside it for 24 hours", 200,
+            s.WebhookEndpointSecret, errors=(404,), params=_ID)},
+        "/webhooks/{id}/test": {"post": write(
+            "Send a webhook.test event (one attempt)", 202, s.Delivery, errors=(404, 409),
+            params=_ID)},
+        "/webhooks/{id}/deliveries": {"get": _op(
+            "The endpoint's deliveries, newest first", 200, s.DeliveryPage, errors=(400, 404),
+            params=_ID + _query(s.DeliveriesQuery))},
+        "/webhooks/{id}/deliveries/{deliveryId}/retry": {"post": write(
+            "One more attempt of a finished delivery, now", 202, s.Delivery,
+            errors=(404, 409), params=_DELIVERY_ID)},
+    }
 
 
 def build_openapi(version: str) -> dict:
@@ -77,6 +132,7 @@ def build_openapi(version: str) -> dict:
         "/tasks/{id}": {"get": _op("One task", 200, s.Task, errors=(404,), params=_ID)},
         "/tasks/{id}/cancel": {"post": _op("Cancel a pending or processing task", 200, s.Task,
                                            errors=(404, 409), params=_ID)},
+        **_keys_and_webhooks(),
         "/events": {"get": _op("Stored event envelopes after a seq", 200, s.EventPage,
                                errors=(400,), params=_query(s.EventsQuery))},
         "/events/stream": {"get": {
@@ -116,8 +172,18 @@ def build_openapi(version: str) -> dict:
                  "description": "Tasks for AI agents, with live events on Socket.IO /events."},
         "servers": [{"url": "/"}],
         "paths": paths,
+        "webhooks": {"task event": {"post": {
+            "summary": "A delivery to your endpoint (Standard Webhooks)",
+            "description": "Headers webhook-id (the same on every retry of one event to one "
+                           "endpoint), webhook-timestamp (seconds, this attempt's) and "
+                           "webhook-signature (v1,<base64 HMAC-SHA256 of "
+                           "`id.timestamp.body` with the base64-decoded secret after whsec_>; "
+                           "two, space-separated, for 24 hours after a rotation). Answer 2xx "
+                           "within 15 s; 410 disables the endpoint.",
+            "requestBody": {"required": True, **_ref(s.WebhookPayload)},
+            "responses": {"200": {"description": "Received"}}}}},
         "components": {"schemas": defs["$defs"],
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                                      "bearerFormat": "JWT"},
+                                                      "bearerFormat": "JWT or droid_sk_ API key"},
                                            "metricsToken": {"type": "http", "scheme": "bearer"}}},
     }

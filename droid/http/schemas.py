@@ -119,6 +119,54 @@ class EventsQuery(Strict):
     limit: int = Field(default=100, ge=1, le=1000)
 
 
+class ApiKeyBody(Strict):
+    name: Annotated[Text, Field(min_length=1, max_length=100)]
+    scope: Literal["read", "write"] = "write"
+
+
+WebhookEvent = Literal["task.created", "task.processing", "task.pending", "task.completed",
+                       "task.failed", "task.cancelled"]
+TERMINAL_EVENTS = ["task.completed", "task.failed", "task.cancelled"]
+WEBHOOK_URL_MAX = 2048
+
+
+def _unique(events: list[str] | None) -> list[str] | None:
+    return None if events is None else list(dict.fromkeys(events))
+
+
+class WebhookBody(Strict):
+    url: str = Field(min_length=1, max_length=WEBHOOK_URL_MAX)
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(TERMINAL_EVENTS), min_length=1, max_length=10,
+        description="task.* events to deliver (task.progress is live only and never "
+                    "delivered); default: the terminal ones")
+    description: str | None = Field(default=None, max_length=500)
+
+    @field_validator("events")
+    @classmethod
+    def once_each(cls, value: list[str]) -> list[str]:
+        return _unique(value)
+
+
+class WebhookPatch(Strict):
+    url: str | None = Field(default=None, min_length=1, max_length=WEBHOOK_URL_MAX)
+    events: list[WebhookEvent] | None = Field(default=None, min_length=1, max_length=10)
+    description: str | None = Field(default=None, max_length=500)
+    enabled: bool | None = None
+
+    @field_validator("events")
+    @classmethod
+    def once_each(cls, value: list[str] | None) -> list[str] | None:
+        return _unique(value)
+
+
+class DeliveriesQuery(Strict):
+    model_config = ConfigDict(strict=False, extra="ignore")
+    status: Literal["pending", "succeeded", "failed"] | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=512)
+
+
 # responses (documentation only) ----------------------------------------------------------------
 
 class User(BaseModel):
@@ -191,3 +239,65 @@ class ErrorReply(BaseModel):
     statusCode: int
     error: str
     message: str | list[str]
+
+
+class ApiKey(BaseModel):
+    id: str
+    name: str
+    prefix: str
+    scope: Literal["read", "write"]
+    createdAt: str
+    lastUsedAt: str | None
+
+
+class ApiKeyCreated(ApiKey):
+    key: str = Field(description="droid_sk_ + base64url of 32 random bytes; shown only here")
+
+
+class WebhookEndpoint(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    description: str | None
+    enabled: bool
+    disabledReason: str | None
+    createdAt: str
+    updatedAt: str
+
+
+class WebhookEndpointSecret(WebhookEndpoint):
+    secret: str = Field(description="whsec_ + base64 of 32 random bytes; shown only when "
+                                    "created and by rotate-secret")
+
+
+class DeliveryAttempt(BaseModel):
+    at: str
+    statusCode: int | None
+    durationMs: int
+    error: str | None
+    response: str | None = Field(description="the first 1 KiB of the answer's body")
+
+
+class Delivery(BaseModel):
+    id: str
+    endpointId: str
+    event: str
+    seq: int | None
+    webhookId: str
+    status: Literal["pending", "succeeded", "failed"]
+    attempts: list[DeliveryAttempt]
+    nextAttemptAt: str | None
+    createdAt: str
+    updatedAt: str
+
+
+class DeliveryPage(BaseModel):
+    items: list[Delivery]
+    nextCursor: str | None
+
+
+class WebhookPayload(BaseModel):
+    """The body of a delivery: one envelope of a task event (or webhook.test)."""
+    type: str = Field(description="the event: task.completed, ..., or webhook.test")
+    timestamp: str = Field(description="when the event happened (the envelope's timestamp)")
+    data: dict[str, Any] = Field(description="the envelope's data plus its seq")

@@ -8,6 +8,6 @@ user's envelopes to their sockets in order, exactly once; cluster.py and presenc
 envelopes and connection counts over processes through Redis. docs/architecture.md walks
 through it.
 
-May import droid.tasks (the publisher), droid.auth, droid.store, droid.config, droid.errors,
-droid.web, droid.util; never droid.http.
+May import droid.tasks (the publisher), droid.apikeys, droid.auth, droid.store, droid.config,
+droid.errors, droid.web, droid.util; never droid.http.
 """

@@ -16,7 +16,8 @@ fan-out and keys that expire for the connection counts.
   subscribes again it looks in the event store for what its sockets missed. A `connections.count`
   emit is not fanned out as a value but as "this user's count changed": each process re-reads the
   count when the notice arrives, so that sockets never keep a count computed before the last
-  change (see RedisManager).
+  change (see RedisManager). Notices between processes (an API key revoked, droid/apikeys.py)
+  travel on a channel of their own too (`publish_notice`, `listen_notices`).
 
 Connection counts over processes are droid/realtime/presence.py's.
 """
@@ -89,12 +90,14 @@ class RedisManager(IndexedRedisManagerBase):
         self.redis = redis if redis is not None else make_redis(url, tls_verify=tls_verify)
         self.counts_channel = channel + ":counts"
         self.envelopes_channel = channel + ":envelopes"
+        self.notices_channel = channel + ":notices"
         # Each user's sockets over every process; a count it learns has changed on its own (a
         # dead process reaped, Redis back) is announced like any other change.
         self.presence = RedisPresence(self.redis, instance_id, ttl_s=presence_ttl_s,
                                       on_changed=self.count_changed)
         self._on_envelope: Callable[[str, str, dict], None] | None = None
         self._on_resubscribed: Callable[[], None] | None = None
+        self._notice_listeners: list[Callable[[str, Any], None]] = []
         self.publish_retry_s = publish_retry_s
         self.reconnect_max_s = reconnect_max_s
         self.keepalive_s = keepalive_s
@@ -118,6 +121,10 @@ class RedisManager(IndexedRedisManagerBase):
         an outage of the subscription (look in the store for envelopes missed meanwhile)."""
         self._on_envelope = on_envelope
         self._on_resubscribed = on_resubscribed
+
+    def listen_notices(self, listener: Callable[[str, Any], None]) -> None:
+        """Call `listener(kind, payload)` with every other process's notice (`publish_notice`)."""
+        self._notice_listeners.append(listener)
 
     @property
     def subscribed(self) -> bool:
@@ -172,6 +179,10 @@ class RedisManager(IndexedRedisManagerBase):
         """Hand a task envelope to every other process (their Delivery puts it in order)."""
         await self._send(self.envelopes_channel, dumps([self.host_id, user_id, event, envelope]))
 
+    async def publish_notice(self, kind: str, payload: Any) -> None:
+        """Tell every other process something; their `listen_notices` listeners hear it."""
+        await self._send(self.notices_channel, dumps([self.host_id, kind, payload]))
+
     async def count_changed(self, user_id: str) -> None:
         """The user's socket count changed: every process re-reads it and tells its sockets."""
         self._recount_soon(user_id)
@@ -212,7 +223,8 @@ class RedisManager(IndexedRedisManagerBase):
             stopped_or_cancelled(self._closed)
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel, self.counts_channel, self.envelopes_channel)
+                await pubsub.subscribe(self.channel, self.counts_channel, self.envelopes_channel,
+                                       self.notices_channel)
                 async for data in self._read(pubsub):
                     yield data
             except UNAVAILABLE as exc:
@@ -229,6 +241,7 @@ class RedisManager(IndexedRedisManagerBase):
     async def _read(self, pubsub: Any) -> AsyncIterator[bytes]:
         channel, counts_channel = self.channel.encode(), self.counts_channel.encode()
         envelopes_channel = self.envelopes_channel.encode()
+        notices_channel = self.notices_channel.encode()
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged = False
@@ -249,7 +262,7 @@ class RedisManager(IndexedRedisManagerBase):
             kind = message["type"]
             if kind == "subscribe":
                 confirmed += 1
-                if confirmed == 3:
+                if confirmed == 4:
                     # Confirmed by Redis: from here on nothing published is missed.
                     self._subscribed.set()
                     self._tried.set()
@@ -260,6 +273,8 @@ class RedisManager(IndexedRedisManagerBase):
                     self.listening.recovered()
             elif kind == "message" and message["channel"] == envelopes_channel:
                 self._envelope(message["data"])
+            elif kind == "message" and message["channel"] == notices_channel:
+                self._notice(message["data"])
             elif kind == "message" and message["channel"] == channel:
                 yield message["data"]
             elif kind == "message" and message["channel"] == counts_channel:
@@ -275,6 +290,16 @@ class RedisManager(IndexedRedisManagerBase):
             return
         if host_id != self.host_id and self._on_envelope is not None:
             self._on_envelope(user_id, event, envelope)
+
+    def _notice(self, data: bytes) -> None:
+        try:
+            host_id, kind, payload = loads(data)
+        except (ValueError, TypeError):
+            log.warning("ignored a malformed notice on %s", self.notices_channel)
+            return
+        if host_id != self.host_id:
+            for listener in self._notice_listeners:
+                listener(kind, payload)
 
     # counts ----------------------------------------------------------------------------------
 

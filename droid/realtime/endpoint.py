@@ -2,7 +2,8 @@
 
 It builds python-socketio's server on Droid's transport (GuardedServer, droid/realtime/guard.py),
 the slow-consumer bound every session applies, ordered delivery (subscribed to the publisher),
-presence, the gateway, and with REDIS_URL the Redis fan-out, and hands out the Tornado handler.
+presence, the gateway (which accepts API keys where tokens are, when given them), and with
+REDIS_URL the Redis fan-out, and hands out the Tornado handler.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
+from ..apikeys import ApiKeys
 from ..auth import Tokens
 from ..config import MAX_BACKLOG, Config
 from ..store import Store
@@ -36,9 +38,10 @@ class Realtime:
 
     def __init__(self, config: Config, *, store: Store, tokens: Tokens,
                  publisher: EventsService, origins: Origins, metrics: Any = None,
-                 manager: Any = None) -> None:
+                 manager: Any = None, api_keys: ApiKeys | None = None) -> None:
         """`manager`: python-socketio's client manager (the Redis fan-out,
-        droid/realtime/cluster.py), or None when this process holds every socket."""
+        droid/realtime/cluster.py), or None when this process holds every socket; `api_keys`:
+        API keys (droid/apikeys.py), accepted where tokens are."""
         self.manager = manager
         self.publisher = publisher
         # python-socketio's rooms, indexed both ways (droid/realtime/rooms.py)
@@ -58,9 +61,14 @@ class Realtime:
         else:
             self.presence = LocalPresence()
         self.gateway = EventsGateway(self.sio, tokens, self.delivery, self.presence,
-                                     metrics=metrics, counts_by_room=manager is not None)
+                                     metrics=metrics, counts_by_room=manager is not None,
+                                     api_keys=api_keys)
         base = tornado_handler(self.sio.eio, compression=config.ws_compression)
         self.handler = endpoint_handler(base, self.sio.eio, origins)
+
+    async def notify(self, user_id: str, event: str, data: dict) -> None:
+        """Send an event to every /events socket of the user, on every process."""
+        await self.gateway.notify(user_id, event, data)
 
     def socket_count(self) -> int:
         """Live /events sockets in this process."""

@@ -3,8 +3,9 @@
 It authenticates sockets, registers each with Delivery (droid/realtime/delivery.py) and with
 presence (droid/realtime/presence.py), has Delivery replay what a reconnecting client missed,
 answers `ping`, `subscribe.tasks`, `unsubscribe.tasks` and `auth.refresh`, disconnects a socket
-whose token expires, and enforces the contract's limits (sockets per user, client events a
-second). Its log lines carry the name `EventsGateway`, as the original protocol document says.
+whose token expires or whose API key is revoked (droid/apikeys.py), tells a user's sockets on
+every process what other parts of Droid have to say (`notify`: webhook.disabled), and enforces
+the contract's limits (sockets per user, client events a second). Its log lines carry the name `EventsGateway`, as the original protocol document says.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs
 
 import socketio
 
+from ..apikeys import ApiKeys, is_api_key
 from ..auth import AuthError, Tokens, bearer
 from ..util import iso, now_iso
 from .delivery import Delivery
@@ -106,16 +108,21 @@ class EventsGateway:
     """The /events namespace."""
 
     def __init__(self, sio: GuardedServer, tokens: Tokens, delivery: Delivery,
-                 presence: Presence, *, metrics: Any = None, counts_by_room: bool = False) -> None:
+                 presence: Presence, *, metrics: Any = None, counts_by_room: bool = False,
+                 api_keys: ApiKeys | None = None) -> None:
         """`counts_by_room`: send `connections.count` through python-socketio's room emit (its
         Redis manager then has every process recount; see droid/realtime/cluster.py) instead of
-        writing it to this process's sockets of the user."""
+        writing it to this process's sockets of the user. `api_keys`: keys are accepted where
+        tokens are, and the sockets opened with one are disconnected when it is revoked."""
         self.sio = sio
         self.tokens = tokens
         self.delivery = delivery
         self.presence = presence
         self.metrics = metrics
         self.counts_by_room = counts_by_room
+        self.api_keys = api_keys
+        if api_keys is not None:
+            api_keys.on_revoked(self.disconnect_revoked)
         self.sockets: dict[str, SocketState] = {}
         self._background: set[asyncio.Task] = set()
         for name, handler in (("connect", self.on_connect), ("disconnect", self.on_disconnect),
@@ -144,7 +151,11 @@ class EventsGateway:
         # is an instance of a class defined per request (2.5 KB), which nothing reads again.
         environ.pop("wsgi.input", None)
         try:
-            identity = self.tokens.verify(_token_from(environ, auth))
+            token = _token_from(environ, auth)
+            if self.api_keys is not None and is_api_key(token):  # hook: API keys (apikeys.py)
+                identity = await self.api_keys.verify(token)
+            else:
+                identity = self.tokens.verify(token)
         except AuthError as exc:
             gateway_log.info("refused connection %s from %s: %s", sid, _peer(environ),
                              exc.message)
@@ -159,6 +170,8 @@ class EventsGateway:
             raise socketio.exceptions.ConnectionRefusedError("Too many connections", {"code": 429})
         state = SocketState(user_id, identity.expires_at)
         self.sockets[sid] = state
+        if identity.key_id is not None and self.api_keys is not None:
+            self.api_keys.sockets.opened(sid, identity.key_id)  # disconnected on revocation
         self._schedule_expiry(sid, state)
         gateway_log.info("client %s connected from %s (user %s)", sid, _peer(environ), user_id)
         # The CONNECT answer goes out once this handler returns: welcome the client after it,
@@ -206,6 +219,8 @@ class EventsGateway:
         state = self.sockets.pop(sid, None)
         if state is None:
             return
+        if self.api_keys is not None:
+            self.api_keys.sockets.closed(sid)
         if state.expiry is not None:
             state.expiry.cancel()
         self.delivery.remove(sid)
@@ -227,6 +242,15 @@ class EventsGateway:
             return
         await self.sio.emit(COUNT_EVENT, {"count": count}, room=presence_room(user_id),
                             namespace=NAMESPACE)
+
+    async def notify(self, user_id: str, event: str, data: dict) -> None:
+        """Send an event to every socket of the user, on every process."""
+        if not self.counts_by_room:  # this process holds every socket
+            self.delivery.send_user(user_id, event, data)
+            return
+        # Every socket of the user is in their room; python-socketio's Redis manager emits to
+        # the other processes' members too.
+        await self.sio.emit(event, data, room=presence_room(user_id), namespace=NAMESPACE)
 
     async def _attach(self, sid: str, state: SocketState, last_seq: int | None) -> None:
         """Deliver the user's envelopes to the socket, first what it missed after last_seq."""
@@ -252,6 +276,13 @@ class EventsGateway:
         state.expiry = None
         if self.sockets.get(sid) is state:
             self._spawn(self._expire(sid))
+
+    async def disconnect_revoked(self, sid: str, payload: dict) -> None:
+        """Hook of droid/apikeys.py: the socket's API key was revoked."""
+        if sid in self.sockets:
+            gateway_log.info("client %s: API key revoked, disconnecting", sid)
+            self.delivery.send(sid, "auth.revoked", payload)
+            await self.sio.disconnect(sid, namespace=NAMESPACE)
 
     async def _expire(self, sid: str) -> None:
         gateway_log.info("client %s: token expired, disconnecting", sid)

@@ -182,3 +182,121 @@ class Store(abc.ABC):
         """Record that `key` of the user names `task_id`, atomically: returns `task_id` when the
         key was free (or last used before `since`, then it is taken over), else the task id
         recorded by the request that used it first."""
+
+    # API keys (droid/apikeys.py) -------------------------------------------------------------
+    # {_id, userId, name, prefix, scope, keyHash, createdAt, lastUsedAt}; only a hash of the key.
+
+    @abc.abstractmethod
+    async def insert_api_key(self, doc: dict, limit: int) -> None:
+        """Store a new key; raises errors.Conflict when the user would have more than `limit`
+        (also under concurrent inserts: the ones past the limit are refused)."""
+
+    @abc.abstractmethod
+    async def api_keys_of(self, user_id: str) -> list[dict]:
+        """A user's keys, oldest first (createdAt, then _id)."""
+
+    @abc.abstractmethod
+    async def api_key_by_hash(self, key_hash: str) -> dict | None:
+        """The key whose keyHash this is (indexed: one read per request that carries a key)."""
+
+    @abc.abstractmethod
+    async def delete_api_key(self, key_id: str, user_id: str) -> bool:
+        """Forget the user's key; False when it is not the user's."""
+
+    @abc.abstractmethod
+    async def touch_api_key(self, key_id: str, now: dt.datetime) -> None:
+        """Set lastUsedAt (callers do it at most about once a minute per key)."""
+
+    @abc.abstractmethod
+    async def api_keys_existing(self, key_ids: list[str]) -> set[str]:
+        """Which of these keys still exist."""
+
+    # webhook endpoints (droid/webhooks/) -----------------------------------------------------
+    # {_id, userId, url, events, description, enabled, disabledReason, secret, previousSecret,
+    #  previousSecretUntil, cursor, failingSince, createdAt, updatedAt}. `cursor` is the last
+    # seq of the owner's event log already turned into deliveries for this endpoint.
+
+    @abc.abstractmethod
+    async def insert_webhook(self, doc: dict, limit: int) -> None:
+        """Store a new endpoint; errors.Conflict past `limit` endpoints of the user (as
+        insert_api_key)."""
+
+    @abc.abstractmethod
+    async def webhooks_of(self, user_id: str) -> list[dict]:
+        """A user's endpoints, oldest first."""
+
+    @abc.abstractmethod
+    async def webhook_by_id(self, webhook_id: str, user_id: str | None = None) -> dict | None:
+        """The endpoint, or None (also when `user_id` is given and does not own it)."""
+
+    @abc.abstractmethod
+    async def update_webhook(self, webhook_id: str, user_id: str | None, fields: dict, *,
+                             if_enabled: bool = False) -> dict | None:
+        """Set `fields` on the endpoint (of `user_id` when given; only while it is enabled with
+        `if_enabled`); the updated endpoint, or None when nothing matched."""
+
+    @abc.abstractmethod
+    async def delete_webhook(self, webhook_id: str, user_id: str) -> bool:
+        """Forget the user's endpoint and its deliveries; False when it is not the user's."""
+
+    @abc.abstractmethod
+    async def webhooks_behind(self, limit: int = 100) -> list[dict]:
+        """Enabled endpoints whose cursor is behind the last seq of their owner's event log.
+        SQLite keeps each enabled endpoint's owner's last seq by a trigger on the event log, so
+        this reads the endpoints behind and nothing else; MongoDB (no triggers) reads two small
+        fields per enabled endpoint and the owners' counters in batches."""
+
+    @abc.abstractmethod
+    async def advance_webhook(self, webhook_id: str, cursor: int, new_cursor: int,
+                              deliveries: list[dict]) -> bool:
+        """Move the endpoint's cursor from `cursor` to `new_cursor` and store `deliveries`, as
+        one change: False (and nothing stored) when the cursor is no longer `cursor` (another
+        process got there first). Deliveries have deterministic ids, so a delivery stored twice
+        (a process that stored it and died before moving the cursor) is stored once."""
+
+    @abc.abstractmethod
+    async def webhook_failing(self, webhook_id: str, now: dt.datetime) -> dt.datetime | None:
+        """Record a failed delivery: failingSince = now unless already set. failingSince as it
+        is now, or None when the endpoint is gone."""
+
+    # webhook deliveries ----------------------------------------------------------------------
+    # {_id, endpointId, userId, event, seq, webhookId, payload (the body, JSON text), status
+    #  (pending | succeeded | failed), attempts [{at, statusCode, durationMs, error, response,
+    #  instance}], attemptsLeft, nextAttemptAt, claim, createdAt, updatedAt}
+
+    @abc.abstractmethod
+    async def insert_delivery(self, doc: dict) -> None: ...
+
+    @abc.abstractmethod
+    async def claim_delivery(self, claim: str, now: dt.datetime,
+                             lease_until: dt.datetime) -> dict | None:
+        """Atomically take the pending delivery due first (nextAttemptAt <= now): claim = `claim`,
+        nextAttemptAt = lease_until (so that it is due again, for any process, only once the
+        lease has run out). The claimed delivery, or None. Two callers never get one claim."""
+
+    @abc.abstractmethod
+    async def finish_attempt(self, delivery_id: str, claim: str, attempt: dict,
+                             fields: dict) -> dict | None:
+        """Append `attempt` (the last MAX_ATTEMPTS_KEPT are kept) and set `fields`, if the
+        delivery is still claimed by `claim`; clears the claim. The updated delivery or None."""
+
+    @abc.abstractmethod
+    async def delivery_by_id(self, delivery_id: str, endpoint_id: str) -> dict | None: ...
+
+    @abc.abstractmethod
+    async def deliveries_page(self, endpoint_id: str, *, status: str | None, limit: int,
+                              after: tuple[dt.datetime, str] | None) -> list[dict]:
+        """An endpoint's deliveries, newest first (createdAt, _id descending), after `after`."""
+
+    @abc.abstractmethod
+    async def retry_delivery(self, delivery_id: str, endpoint_id: str, now: dt.datetime,
+                             attempts_left: int) -> dict | None:
+        """Make a finished delivery due now again with `attempts_left`; None when it is not the
+        endpoint's or still pending."""
+
+    @abc.abstractmethod
+    async def expire_webhooks(self, now: dt.datetime) -> None:
+        """Delete finished deliveries last updated before the event retention."""
+
+
+MAX_ATTEMPTS_KEPT = 20

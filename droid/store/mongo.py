@@ -15,6 +15,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from ..errors import Conflict
 from ..util import dumps, loads
 from .base import ACTIVE, STATUSES, Store, StoreUnavailable
+from .mongo_hooks import MongoHooks
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def _reason(exc: PyMongoError) -> str:
     text = str(exc).split(", Timeout:", 1)[0].split(" (configured timeouts", 1)[0]
     return f"{text[:300]} ({type(exc).__name__})"
 
-class MongoStore(Store):
+class MongoStore(MongoHooks, Store):
     kind = "mongodb"
 
     def __init__(self, uri: str, db_name: str, **kwargs: int) -> None:
@@ -84,6 +85,7 @@ class MongoStore(Store):
                                             unique=True, name="user_key")
         await self.idempotency.create_index([("createdAt", ASCENDING)], name="expiry",
                                             expireAfterSeconds=self.idempotency_ttl_s)
+        await self._create_hook_indexes()
 
     async def close(self) -> None:
         client, self.client = self.client, None
@@ -106,6 +108,7 @@ class MongoStore(Store):
             {"createdAt": {"$lt": now - dt.timedelta(seconds=self.event_retention_s)}})
         await self.idempotency.delete_many(
             {"createdAt": {"$lt": now - dt.timedelta(seconds=self.idempotency_ttl_s)}})
+        await self.expire_webhooks(now)
 
     # users -----------------------------------------------------------------------------------
 

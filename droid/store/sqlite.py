@@ -25,6 +25,7 @@ from typing import Any, Callable, TypeVar
 from ..errors import Conflict
 from ..util import dumps, loads
 from .base import ACTIVE, STATUSES, Store, StoreUnavailable
+from .sqlite_hooks import HOOKS_SCHEMA, SqliteHooks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -178,7 +179,7 @@ def _fail(answer: asyncio.Future, exc: BaseException) -> None:
         answer.set_exception(exc)
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteHooks, Store):
     kind = "sqlite"
 
     def __init__(self, path: str, **kwargs: int) -> None:
@@ -230,7 +231,7 @@ class SqliteStore(Store):
             # WAL + NORMAL: a crash of the process loses nothing; a power cut may lose the last
             # transactions, never the file's consistency.
             conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + HOOKS_SCHEMA)
         self._conn = conn
 
     async def close(self) -> None:
@@ -278,6 +279,7 @@ class SqliteStore(Store):
                     pass
 
         await self._run(run)
+        await self.expire_webhooks(now)
 
     # helpers (run in the store's thread) -----------------------------------------------------
 

@@ -3,7 +3,9 @@
 It numbers each envelope with the user's `seq` and stores it for resume, then hands it to the
 listeners of this process (the real-time Delivery of /events sockets, the SSE streams) and to
 the relay (Redis, when there are several processes), which hands it to every other process's
-publisher (`receive`). It knows nothing of Socket.IO or HTTP: the layers above subscribe.
+publisher (`receive`). It knows nothing of Socket.IO or HTTP: the layers above subscribe. Those
+that work from the stored log instead (webhooks) only hear that an envelope was stored here
+(`listen_stored`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..util import iso, now_iso, utcnow
 log = logging.getLogger("droid.EventsService")
 
 Listener = Callable[[str, str, dict], None]
+StoredListener = Callable[[str, str, int], None]
 
 
 class Relay(Protocol):
@@ -69,6 +72,7 @@ class EventsService:
         self.metrics = metrics
         self.relay = relay  # its envelopes come back through `receive` in every other process
         self._listeners: list[Listener] = []
+        self._stored_listeners: list[StoredListener] = []
         self.user_locks = KeyedLocks()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._emitted: dict[str, Any] = {}  # events_emitted's child counter by event name
@@ -77,6 +81,11 @@ class EventsService:
         """Call `listener(user_id, event, envelope)` with every envelope of this process's users,
         published here or received from another process (the real-time Delivery does)."""
         self._listeners.append(listener)
+
+    def listen_stored(self, listener: StoredListener) -> None:
+        """Call `listener(user_id, event, seq)` once this process has stored an envelope (the
+        webhook dispatcher: a wake-up only; it reads what to deliver from the stored log)."""
+        self._stored_listeners.append(listener)
 
     def watch(self, user_id: str) -> "StreamWatch":
         """Set whenever an envelope of the user is published, holding the live-only ones
@@ -103,6 +112,8 @@ class EventsService:
             now = utcnow()
             envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": None}
             await self.store.append_event(user_id, event, envelope, now)  # numbers it: seq
+            for stored in self._stored_listeners:
+                stored(user_id, event, envelope["seq"])
             await self._fan_out(user_id, event, envelope)
 
     async def _fan_out(self, user_id: str, event: str, envelope: dict) -> None:
