@@ -15,6 +15,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from conftest import Api, ISO_RE, wait_until
 from droid.webhooks import service as webhook_service
+from redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 from webhook_receiver import Receiver, Reply
 
 pytestmark = pytest.mark.asyncio
@@ -212,6 +213,32 @@ async def test_failing_for_too_long_disables_the_endpoint(droid_factory, receive
         assert receiver.received[-1].at - receiver.received[0].at >= 0.95
         shown = (await api.get(f"/webhooks/{endpoint['id']}", token=user["token"])).body
         assert shown["enabled"] is False
+    finally:
+        api.close()
+
+
+async def test_with_redis_webhook_disabled_reaches_the_sockets_of_every_process(
+        droid_factory, receiver, listen, redis_server: RedisServer) -> None:
+    """B neither makes nor sends deliveries: A disables the endpoint (a 410), and the owner's
+    sockets on both hear it, B's through Redis."""
+    env = {**FAST, "REDIS_URL": redis_server.url}
+    a = await droid_factory(**env)
+    b = await droid_factory(**env, DROID_WEBHOOK_CONCURRENCY="0")
+    api = Api(b.url)
+    try:
+        receiver.answer = lambda r: Reply(410)
+        user = await api.register()
+        listeners = [await listen(a.url, user["token"]), await listen(b.url, user["token"])]
+        for listener in listeners:
+            await listener.next("connected")
+        endpoint = await add_endpoint(api, user["token"], receiver.url)
+        assert (await api.post(f"/webhooks/{endpoint['id']}/test",
+                               token=user["token"])).status == 202
+        for listener in listeners:
+            disabled = await listener.next("webhook.disabled", 10)
+            assert disabled["id"] == endpoint["id"]
+            assert disabled["disabledReason"] == "The endpoint answered 410 Gone"
+        assert len(receiver.received) == 1
     finally:
         api.close()
 
