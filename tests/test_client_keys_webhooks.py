@@ -3,7 +3,7 @@
 `verify_webhook` checks; `droid login` / `logout` in a pseudo-terminal.
 
 These need the server side of issue 23 (POST /api-keys, /webhooks, ...): the REST shapes are
-those of the lead's brief (docs/contract.md once issue 23 is merged)."""
+those of docs/contract.md, section 5."""
 from __future__ import annotations
 
 import asyncio
