@@ -4,9 +4,9 @@ The launcher wraps `droid.app.make_app` so that the application it builds also s
 
     POST /bench/emit   {count, users, start?, rate?, event?}: emits `count` envelopes to the
                        rooms user:bench-user-{(start + i) % users} through Droid's real delivery
-                       path, EventsService._emit (the specific event, then `task.event`), with
-                       envelopes built as EventsService.publish builds non-durable ones (no
-                       MongoDB: this measures fan-out). As fast as possible (rate 0) or paced at
+                       path, EventsService.publish (the specific event, then `task.event`),
+                       with live-only envelopes (seq null, not stored: this measures
+                       fan-out). As fast as possible (rate 0) or paced at
                        `rate` per second; data.sentAt is the emit time on CLOCK_MONOTONIC in ms
                        (the load generator reads the same clock). Answers {emitted, elapsedMs,
                        maxLagMs} once all are emitted.
@@ -118,7 +118,8 @@ class EmitHandler(BenchHandler):
             data = {"taskId": TASK_ID, "userId": user_id, "agentId": AGENT_ID,
                     "status": "processing", "retryCount": 0, "startedAt": now, "updatedAt": now,
                     "i": i, "sentAt": _mono_ms()}
-            await publish(user_id, event, data, durable=False)
+            await publish(user_id, {"event": event, "data": data, "timestamp": now,
+                                    "seq": None})
         self.reply({"emitted": count, "elapsedMs": _mono_ms() - t0, "maxLagMs": max_lag})
 
 

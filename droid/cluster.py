@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .events import NAMESPACE, LocalPresence, presence_room
+from .outage import Outage
 from .util import dumps, loads
 
 log = logging.getLogger("droid.cluster")
@@ -92,24 +93,15 @@ def make_manager(config: Any, redis: aioredis.Redis | None = None) -> "RedisMana
     return RedisManager(config.redis_url, redis=redis, tls_verify=redis_tls_verify(config))
 
 
-class _Outage:
+class _Outage(Outage):
     """Logs the loss of Redis once, and its return once, for one use of it."""
 
     def __init__(self, what: str, meanwhile: str) -> None:
-        self.what = what
-        self.meanwhile = meanwhile
-        self.down = False
+        super().__init__(log, f"Redis unavailable for {what} (%s); {meanwhile} until it is back",
+                         f"Redis is back for {what}")
 
-    def failed(self, exc: BaseException) -> None:
-        if not self.down:
-            self.down = True
-            log.warning("Redis unavailable for %s (%s: %s); %s until it is back", self.what,
-                        type(exc).__name__, exc, self.meanwhile)
-
-    def recovered(self) -> None:
-        if self.down:
-            self.down = False
-            log.info("Redis is back for %s", self.what)
+    def failed(self, exc: BaseException) -> bool:  # type: ignore[override]
+        return super().failed(f"{type(exc).__name__}: {exc}")
 
 
 class RedisManager(socketio.AsyncRedisManager):

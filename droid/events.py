@@ -1,10 +1,10 @@
 """Real-time events: the publisher (EventsService) and the /events namespace (EventsGateway).
 
-EventsService is what the task service publishes through: it numbers each envelope with the
-user's `seq`, stores it for resume, and hands it to Delivery (droid/delivery.py), which writes it
-to the owner's sockets in this process as the specific event and as `task.event`, and to the
-relay (Redis, when there are several processes), which hands it to every other process's
-Delivery. EventsGateway authenticates sockets, answers the client events, has Delivery replay
+EventsService is what the task service publishes through, once an envelope is stored (the store
+numbers and stores it in the same write as the task's change, droid/store/base.py `Change`): it
+hands it to Delivery (droid/delivery.py), which writes it to the owner's sockets in this process
+as the specific event and as `task.event`, to the SSE streams watching the user, and to the relay
+(Redis, when there are several processes), which hands it to every other process's Delivery. EventsGateway authenticates sockets, answers the client events, has Delivery replay
 what a reconnecting client missed, and enforces the contract's limits.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import collections
 import datetime as dt
 import logging
 import time
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Coroutine
 from urllib.parse import parse_qs
 
 import socketio
@@ -23,7 +23,7 @@ from .auth import AuthError, Tokens, bearer
 from .delivery import MAX_BACKLOG_BYTES, Delivery
 from .store import Store
 from .transport import run_eager
-from .util import iso, now_iso, utcnow
+from .util import iso, now_iso
 
 NAMESPACE = "/events"
 CONNECTED_MESSAGE = "Successfully connected to real-time events"
@@ -38,42 +38,9 @@ def presence_room(user_id: str) -> str:
     return f"sockets:{user_id}"
 
 
-class KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, list] = {}
-
-    def __call__(self, key: str) -> "_Held":
-        return _Held(self, key)
-
-
-class _Held:
-    def __init__(self, owner: KeyedLocks, key: str) -> None:
-        self.owner, self.key = owner, key
-
-    async def __aenter__(self) -> None:
-        entry = self.owner._locks.setdefault(self.key, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            await entry[0].acquire()
-        except BaseException:  # cancelled while waiting: no longer a user of the lock
-            self._leave(entry)
-            raise
-
-    async def __aexit__(self, *exc: Any) -> None:
-        entry = self.owner._locks[self.key]
-        entry[0].release()
-        self._leave(entry)
-
-    def _leave(self, entry: list) -> None:
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self.owner._locks[self.key]
-
-
 class EventsService:
-    """Publishes task events: numbered, stored for resume, delivered to the owner's sockets."""
+    """Delivers task envelopes (stored already, or live-only) to the owner's sockets and SSE
+    streams, here and through the relay in every other process."""
 
     def __init__(self, sio: socketio.AsyncServer, store: Store, metrics: Any = None,
                  relay: Any = None, *, max_backlog_bytes: int = MAX_BACKLOG_BYTES) -> None:
@@ -86,7 +53,6 @@ class EventsService:
         self.delivery = Delivery(sio, store, NAMESPACE, max_backlog_bytes=max_backlog_bytes)
         if metrics is not None:
             self.delivery.on_shed = lambda sid: metrics.sockets_shed.inc()
-        self.user_locks = KeyedLocks()
         self._watchers: dict[str, set[asyncio.Event]] = {}
         self._emitted: dict[str, Any] = {}  # events_emitted's child counter by event name
 
@@ -103,20 +69,12 @@ class EventsService:
             if not watchers:
                 del self._watchers[user_id]
 
-    async def publish(self, user_id: str, event: str, data: dict, *, durable: bool = True) -> None:
-        if not durable:
-            envelope = {"event": event, "data": data, "timestamp": now_iso(), "seq": None}
-            await self._fan_out(user_id, event, envelope)
-            return
-        # One lock per user in this process, so that its envelopes leave in seq order (sockets
-        # would put them back in order anyway, but without having to wait for a gap).
-        async with self.user_locks(user_id):
-            now = utcnow()
-            envelope = {"event": event, "data": data, "timestamp": iso(now), "seq": None}
-            await self.store.append_event(user_id, event, envelope, now)  # numbers it: seq
-            await self._fan_out(user_id, event, envelope)
-
-    async def _fan_out(self, user_id: str, event: str, envelope: dict) -> None:
+    async def publish(self, user_id: str, envelope: dict) -> None:
+        """Deliver an envelope of the user: numbered and stored already, or live-only (`seq`
+        None, task.progress). Envelopes stored one after the other reach it in seq order when
+        their writes answer in that order (the SQLite store's one thread); otherwise each socket
+        holds an early one until the one before it arrives (droid/delivery.py)."""
+        event = envelope["event"]
         self.receive(user_id, event, envelope)
         if self.relay is not None:
             await self.relay.publish_envelope(user_id, event, envelope)

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import socketio
 
-from conftest import make_config
+from conftest import make_config, publish_event
 from droid import __main__ as droid_main
 from droid import transport as droid_transport
 from droid.delivery import Delivery
@@ -95,7 +95,7 @@ async def test_connected_does_not_wait_for_the_store_and_nothing_after_it_is_los
     try:
         await raw.wait_for(lambda: raw.of("connected"))
         assert reading.is_set() and not gate.is_set()
-        await droid.gateway.events.publish("slow-store", "task.cancelled", {"taskId": "t-1"})
+        await publish_event(droid, "slow-store", "task.cancelled", {"taskId": "t-1"})
         gate.set()
         await raw.wait_for(lambda: raw.of("task.event"))
         assert [e["data"]["taskId"] for e in raw.of("task.cancelled")] == ["t-1"]

@@ -1,4 +1,4 @@
-"""Event envelopes (the user's numbered log) and idempotency keys in the MongoDB store."""
+"""Event envelopes in the MongoDB store: each user's numbered log."""
 from __future__ import annotations
 
 import datetime as dt
@@ -12,8 +12,6 @@ from .connection import MongoBase
 
 
 class EventsMixin(MongoBase):
-    # events ----------------------------------------------------------------------------------
-
     async def next_seq(self, user_id: str) -> int:
         # No upsert: concurrent upserts of a new counter may each insert-then-retry (MongoDB
         # before 4.2 raises DuplicateKeyError; SecantusDB applies the $inc but returns no
@@ -42,6 +40,16 @@ class EventsMixin(MongoBase):
         except DuplicateKeyError:
             raise Conflict(f"event {doc['seq']} of this user is already stored") from None
 
+    async def append_event(self, user_id: str, event: str, envelope: dict,
+                           created_at: dt.datetime) -> int:
+        if not self.transactions:
+            return await super().append_event(user_id, event, envelope, created_at)
+        try:
+            return await self._txn(lambda session: self._append_in(
+                session, user_id, event, envelope, created_at))
+        except DuplicateKeyError:
+            raise Conflict("an event of this user with the next seq is already stored") from None
+
     async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
         docs = await self.events.find({"userId": user_id, "seq": {"$gt": after}},
                                       {"_id": False}).sort([("seq", ASCENDING)]).limit(
@@ -60,23 +68,3 @@ class EventsMixin(MongoBase):
         if up_to_seq is not None:
             query["seq"] = {"$lte": up_to_seq}
         return (await self.events.delete_many(query)).deleted_count
-
-    # idempotency -----------------------------------------------------------------------------
-
-    async def claim_key(self, user_id: str, key: str, task_id: str, now: dt.datetime,
-                        since: dt.datetime) -> str:
-        try:
-            await self.idempotency.insert_one(
-                {"userId": user_id, "key": key, "taskId": task_id, "createdAt": now})
-            return task_id
-        except DuplicateKeyError:
-            pass
-        # Used before the window: take it over, unless a concurrent request just did.
-        taken = await self.idempotency.find_one_and_update(
-            {"userId": user_id, "key": key, "createdAt": {"$lt": since}},
-            {"$set": {"taskId": task_id, "createdAt": now}})
-        if taken is not None:
-            return task_id
-        doc = await self.idempotency.find_one({"userId": user_id, "key": key})
-        return doc["taskId"] if doc else task_id
-

@@ -1,4 +1,5 @@
-"""Event envelopes (the user's numbered log) and idempotency keys in the SQLite store."""
+"""Event envelopes in the SQLite store: each user's numbered log (Idempotency-Keys are claimed
+with their task, droid/store/sqlite/tasks.py)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -11,8 +12,6 @@ from .rows import from_ms, to_ms
 
 
 class EventsMixin(SqliteBase):
-    # events ----------------------------------------------------------------------------------
-
     async def next_seq(self, user_id: str) -> int:
         return await self._run(lambda: self._conn.execute(
             "INSERT INTO counters (userId, value) VALUES (?, 1) "
@@ -39,31 +38,11 @@ class EventsMixin(SqliteBase):
 
     async def append_event(self, user_id: str, event: str, envelope: dict,
                            created_at: dt.datetime) -> int:
-        created = to_ms(created_at)
-
-        def run() -> int:
-            # One transaction in one hop: no seq is ever numbered but not stored (a crash rolls
-            # both back), and a publish costs one thread hop and one commit instead of two.
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                seq = conn.execute(
-                    "INSERT INTO counters (userId, value) VALUES (?, 1) "
-                    "ON CONFLICT (userId) DO UPDATE SET value = value + 1 RETURNING value",
-                    (user_id,)).fetchone()[0]
-                envelope["seq"] = seq
-                conn.execute("INSERT INTO events (userId, seq, event, envelope, createdAt) "
-                             "VALUES (?, ?, ?, ?, ?)",
-                             (user_id, seq, event, dumps(envelope).decode(), created))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return seq
-
+        # One transaction in one hop: no seq is ever numbered but not stored (a crash rolls
+        # both back).
         try:
-            return await self._run(run)
+            return await self._run(self._write, self._append, user_id, event, envelope,
+                                   to_ms(created_at))
         except sqlite3.IntegrityError:
             raise Conflict("an event of this user with the next seq is already stored") from None
 
@@ -87,23 +66,3 @@ class EventsMixin(SqliteBase):
         else:
             sql, args = "DELETE FROM events WHERE userId = ? AND seq <= ?", (user_id, up_to_seq)
         return await self._run(lambda: self._conn.execute(sql, args).rowcount)
-
-    # idempotency -----------------------------------------------------------------------------
-
-    async def claim_key(self, user_id: str, key: str, task_id: str, now: dt.datetime,
-                        since: dt.datetime) -> str:
-        def run() -> str:
-            # Insert, or take over a key last used before `since`; else read who has it.
-            row = self._conn.execute(
-                "INSERT INTO idempotency (userId, key, taskId, createdAt) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (userId, key) DO UPDATE SET taskId = excluded.taskId, "
-                "createdAt = excluded.createdAt WHERE idempotency.createdAt < ? "
-                "RETURNING taskId", (user_id, key, task_id, to_ms(now), to_ms(since))).fetchone()
-            if row is not None:
-                return row[0]
-            row = self._conn.execute("SELECT taskId FROM idempotency WHERE userId = ? AND key = ?",
-                                     (user_id, key)).fetchone()
-            return row[0] if row else task_id
-
-        return await self._run(run)
-

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     userId TEXT NOT NULL, key TEXT NOT NULL, taskId TEXT NOT NULL, createdAt INTEGER NOT NULL,
     PRIMARY KEY (userId, key));
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (createdAt);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
 DATES = frozenset(("createdAt", "updatedAt", "startedAt", "completedAt", "runAfter",
                    "leaseExpiresAt"))
