@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 import droid
 from conftest import Listener
@@ -68,8 +68,8 @@ class DroidProcess:
                                              raise_error=False)
                     if reply.code == 200:
                         return self
-                except OSError:
-                    pass  # not listening yet
+                except (OSError, HTTPClientError):
+                    pass  # not listening yet, or too busy starting to answer within 2 s
                 assert asyncio.get_running_loop().time() < deadline, \
                     f"{self.name} did not start:\n{self.output()}"
                 await asyncio.sleep(0.05)

@@ -6,7 +6,10 @@ the server's `hello`:
 
 - a replica set or a sharded cluster (`setName`, or `msg: isdbgrid`; Atlas is one): a
   multi-document transaction holds the change, the user's counter (`seq`) and the envelope
-  (`_txn`, retried on transient errors such as write conflicts);
+  (`_txn`, retried on transient errors such as write conflicts). A process killed in the middle
+  of one leaves it open on the server, holding the documents it wrote, until the server aborts
+  it (`transactionLifetimeLimitSeconds`, 60 s by default): meanwhile the changes of that user
+  (whose counter it holds) answer 503, and claims pass over the task it held;
 - a standalone server, which has no transactions: the change and its envelope, not numbered
   yet, are one update of the task's document, and a second step numbers the envelope into the
   log (droid/store/mongo/outbox.py), which start-up and a check every WATCH_EVERY_S complete
@@ -26,7 +29,7 @@ import random
 from typing import Any, Awaitable, Callable, TypeVar
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from ...util import dumps, utcnow
 from ..base import Store, StoreFailing, StoreUnavailable
@@ -34,6 +37,7 @@ from ..base import Store, StoreFailing, StoreUnavailable
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_WRITE_CONFLICT = 112
 TXN_TRIES = 20  # a transaction that meets write conflicts (concurrent claims) is run again
 # Fields of a task document that only the store reads: never returned with the task.
 HIDDEN = {"idem": False, "idemAt": False, "pending": False, "pendingAt": False}
@@ -199,12 +203,12 @@ class MongoBase(Store):
 
     # the write path --------------------------------------------------------------------------
 
-    async def _txn(self, body: Callable[[Any], Awaitable[T]]) -> T:
+    async def _txn(self, body: Callable[[Any], Awaitable[T]], tries: int = TXN_TRIES) -> T:
         """`body(session)` in one multi-document transaction, run again on transient errors
-        (write conflicts of concurrent claims, a primary stepping down) a bounded number of
-        times; a commit whose result is unknown is retried as such (commits are idempotent)."""
+        (write conflicts, a primary stepping down) up to `tries` times; a commit whose result is
+        unknown is retried as such (commits are idempotent)."""
         async with self.client.start_session() as session:
-            for attempt in range(TXN_TRIES):
+            for attempt in range(tries):
                 await session.start_transaction()
                 try:
                     result = await body(session)
@@ -217,7 +221,7 @@ class MongoBase(Store):
                     if isinstance(exc, _NoCounter):
                         await self._create_counter(exc.user_id)
                         continue
-                    if _transient(exc) and attempt < TXN_TRIES - 1:
+                    if _transient(exc) and attempt < tries - 1:
                         # Jittered and growing, so that writers of one user's counter spread out.
                         await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** attempt)))
                         continue
@@ -229,7 +233,7 @@ class MongoBase(Store):
                     except PyMongoError as exc:
                         if exc.has_error_label("UnknownTransactionCommitResult") and commit < 2:
                             continue
-                        if not _transient(exc) or attempt == TXN_TRIES - 1:
+                        if not _transient(exc) or attempt == tries - 1:
                             raise
                         break  # transient: run the whole transaction again
             raise AssertionError("unreachable")  # pragma: no cover
@@ -291,7 +295,10 @@ def _guard(fn: Callable[..., Awaitable[T]], writes: bool,
         try:
             result = await fn(self, *args, **kwargs)
         except PyMongoError as exc:
-            self.writes.failed(_reason(exc))
+            # Write conflicts that outlasted the retries are documents held (by a transaction
+            # of a killed process, until the server aborts it), not a failing database.
+            if not (isinstance(exc, OperationFailure) and exc.code == _WRITE_CONFLICT):
+                self.writes.failed(_reason(exc))
             raise StoreFailing() from exc
         if writes and not (maybe and (result is None or result is False)):
             self.writes.recovered()

@@ -13,14 +13,15 @@ import datetime as dt
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ...envelopes import envelope_of
 from ..base import ACTIVE, STATUSES, Change
-from .connection import HIDDEN
+from .connection import HIDDEN, TXN_TRIES
 from .outbox import OutboxMixin, pending_entry
 
 _CLAIM_ORDER = [("priorityRank", DESCENDING), ("createdAt", ASCENDING)]
+_CANDIDATES = 8
 
 
 class TasksMixin(OutboxMixin):
@@ -85,11 +86,29 @@ class TasksMixin(OutboxMixin):
 
     async def claim_task(self, owner: str, now: dt.datetime, lease_until: dt.datetime,
                          change: Change | None = None) -> dict | None:
-        return await self._change(
-            change, {"status": "pending", "runAfter": {"$lte": now}},
-            {"$set": {"status": "processing", "startedAt": now, "updatedAt": now,
-                      "leaseOwner": owner, "leaseExpiresAt": lease_until},
-             "$inc": {"attempt": 1}}, sort=_CLAIM_ORDER)
+        due = {"status": "pending", "runAfter": {"$lte": now}}
+        update = {"$set": {"status": "processing", "startedAt": now, "updatedAt": now,
+                           "leaseOwner": owner, "leaseExpiresAt": lease_until},
+                  "$inc": {"attempt": 1}}
+        if change is None or not self.transactions:
+            return await self._change(change, due, update, sort=_CLAIM_ORDER)
+        # In a transaction, task by task among the first due ones: a task that another claim
+        # (or a transaction left open by a killed process, until the server aborts it) holds
+        # is passed over after two tries, where a sorted find-and-modify would meet it first
+        # every time.
+        candidates = await self.tasks.find(due, {"_id": True}).sort(_CLAIM_ORDER).limit(
+            _CANDIDATES).to_list(None)
+        for candidate in candidates:
+            try:
+                doc = await self._change(change, {**due, "_id": candidate["_id"]}, update,
+                                         tries=2)
+            except PyMongoError as exc:
+                if not exc.has_error_label("TransientTransactionError"):
+                    raise
+                continue
+            if doc is not None:
+                return doc
+        return None  # none due, or all taken or held meanwhile: the next claim looks again
 
     async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime,
                           change: Change | None = None) -> dict | None:
@@ -110,7 +129,7 @@ class TasksMixin(OutboxMixin):
         return await self._change(change, current, update)
 
     async def _change(self, change: Change | None, query: dict, update: dict, *,
-                      sort: list | None = None) -> dict | None:
+                      sort: list | None = None, tries: int = TXN_TRIES) -> dict | None:
         """One atomic change of a task matching `query`, with the envelope of `change`."""
         if change is None:
             return await self.tasks.find_one_and_update(
@@ -127,7 +146,7 @@ class TasksMixin(OutboxMixin):
                                       change.at)
                 return doc, envelope
 
-            doc, change.envelope = await self._txn(body)
+            doc, change.envelope = await self._txn(body, tries)
             return doc
         for _ in range(3):
             entry = pending_entry(change)

@@ -5,9 +5,9 @@ it); and how the store fails: loudly, once, and by itself back.
 A call the database cannot make (disk full, read-only, locked beyond the busy timeout, an I/O
 error) raises StoreFailing, a 503, and marks the store failing until a write succeeds again
 (a small probe write every WATCH_EVERY_S finds out without traffic). The file's device and inode
-are checked as often and after every failure: a file deleted or replaced under the process is
-never written into (its writes would vanish at the next start); every call is refused with a
-503 until the process restarts on the file now there.
+are checked as often, after every failure and before every transaction commits: a file deleted
+or replaced under the process is never written into (its writes would vanish at the next
+start); every call is refused with a 503 until the process restarts on the file now there.
 """
 from __future__ import annotations
 
@@ -233,11 +233,16 @@ class SqliteBase(Store):
             values)
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` in one BEGIN IMMEDIATE transaction: all of it is stored, or none."""
+        """`fn(*args)` in one BEGIN IMMEDIATE transaction: all of it is stored, or none; and
+        never into a file deleted or replaced meanwhile (a stat, ~2 us, before the commit)."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(*args)
+            if self._file is not None:
+                self._check_file()
+                if self._lost is not None:
+                    raise StoreFailing()
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
