@@ -208,7 +208,8 @@ class MongoBase(Store):
         (write conflicts, a primary stepping down) up to `tries` times; a commit whose result is
         unknown is retried as such (commits are idempotent)."""
         async with self.client.start_session() as session:
-            for attempt in range(tries):
+            attempt = 0
+            while True:
                 await session.start_transaction()
                 try:
                     result = await body(session)
@@ -218,10 +219,11 @@ class MongoBase(Store):
                             await session.abort_transaction()
                         except PyMongoError:
                             pass
-                    if isinstance(exc, _NoCounter):
+                    if isinstance(exc, _NoCounter):  # not a failed try: the counter is made
                         await self._create_counter(exc.user_id)
                         continue
-                    if _transient(exc) and attempt < tries - 1:
+                    attempt += 1
+                    if _transient(exc) and attempt < tries:
                         # Jittered and growing, so that writers of one user's counter spread out.
                         await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** attempt)))
                         continue
@@ -233,10 +235,10 @@ class MongoBase(Store):
                     except PyMongoError as exc:
                         if exc.has_error_label("UnknownTransactionCommitResult") and commit < 2:
                             continue
-                        if not _transient(exc) or attempt == tries - 1:
+                        attempt += 1
+                        if not _transient(exc) or attempt >= tries:
                             raise
                         break  # transient: run the whole transaction again
-            raise AssertionError("unreachable")  # pragma: no cover
 
     async def _append_in(self, session: Any, user_id: str, event: str, envelope: dict,
                          at: dt.datetime) -> int:
