@@ -10,7 +10,7 @@ import threading
 class Outage:
     """`failed(reason)` and `recovered()` may be called as often as wanted, from any thread:
     only the changes are logged (`lost % reason` at WARNING, unless given a level, then `back`
-    at INFO)."""
+    as it is, at INFO)."""
 
     def __init__(self, log: logging.Logger, lost: str, back: str, *,
                  level: int = logging.WARNING) -> None:
@@ -41,5 +41,5 @@ class Outage:
                 return False
             self.down = False
             self.reason = None
-        self.log.info(self.back)
+        self.log.info("%s", self.back)
         return True

@@ -270,7 +270,7 @@ class TaskService:
 
     async def _publish(self, user_id: str, change: Change) -> None:
         envelope = change.envelope
-        if envelope is None:  # a store without envelopes (tests): nothing to deliver
+        if envelope is None:  # numbered by another (MongoDB without transactions): it delivers
             return
         try:
             await self.publisher.publish(user_id, envelope)

@@ -101,9 +101,9 @@ class Store(abc.ABC):
         """Whether writes fail now, logged once when they start failing and once when they
         succeed again."""
         if self._writes is None:
-            where = self.describe().replace("%", "%%")
-            self._writes = Outage(log, f"{where}: writes fail (%s); answering 503 with "
-                                  "Retry-After until they succeed again",
+            where = self.describe()
+            self._writes = Outage(log, where.replace("%", "%%") + ": writes fail (%s); "
+                                  "answering 503 with Retry-After until they succeed again",
                                   f"{where}: writes succeed again")
         return self._writes
 
