@@ -27,6 +27,7 @@ import pymongo
 import pytest
 from tornado.httpclient import HTTPClientError
 
+import mongo_server
 from conftest import TEST_SECRET, Api
 from droid_process import spawn  # noqa: F401 - the fixture
 
@@ -236,7 +237,7 @@ async def test_sigkill_during_bursts_loses_nothing_on_sqlite(spawn, tmp_path, se
 
 
 @pytest.mark.parametrize("mode", ["transactions", "standalone"])
-async def test_sigkill_during_bursts_loses_nothing_on_mongodb(request, spawn, mode) -> None:
+async def test_sigkill_during_bursts_loses_nothing_on_mongodb(spawn, mode) -> None:
     """Over the wire, on both write paths: a transaction (SecantusDB answers as a replica set)
     and the envelope pending in the task's document (SecantusDB --standalone). SecantusDB is
     slow: one kill each (the SQLite test makes ten; tests/test_store.py stops a writer at each
@@ -245,19 +246,20 @@ async def test_sigkill_during_bursts_loses_nothing_on_mongodb(request, spawn, mo
     meanwhile writes touching those documents are refused with a 503, and the worker cannot
     finish the tasks they hold, so there what is stored is checked without waiting a minute for
     the worker (droid/store/mongo/connection.py). Without transactions nothing is held."""
-    uri = request.getfixturevalue("mongo_uri" if mode == "transactions"
-                                  else "mongo_standalone_uri")
-    db = f"droid_kill_{uuid.uuid4().hex[:10]}"
-    env = {**ENV, "MONGODB_URI": uri, "MONGODB_DB": db}
-    try:
-        await kill_during_bursts(spawn, env, f"mongo-{mode}", 7, 1,
-                                 lambda: mongo_state(uri, db), users=3, window=(0.1, 0.6),
-                                 least=5, stalled=mode == "transactions")
-    finally:
-        with pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000,
-                                 socketTimeoutMS=20000) as client:
-            with contextlib.suppress(pymongo.errors.PyMongoError):
-                client.drop_database(db)
+    # A server of its own: the transactions a killed process leaves open hold what they wrote
+    # until the server aborts them, and a later test must not wait for that.
+    with mongo_server.mongodb_uri(standalone=mode == "standalone") as uri:
+        db = f"droid_kill_{uuid.uuid4().hex[:10]}"
+        env = {**ENV, "MONGODB_URI": uri, "MONGODB_DB": db}
+        try:
+            await kill_during_bursts(spawn, env, f"mongo-{mode}", 7, 1,
+                                     lambda: mongo_state(uri, db), users=3, window=(0.1, 0.6),
+                                     least=5, stalled=mode == "transactions")
+        finally:
+            if os.environ.get(mongo_server.URI_ENV):  # a real server: drop what it can
+                with pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000) as client:
+                    with contextlib.suppress(pymongo.errors.PyMongoError):
+                        client[db].command("dropDatabase", maxTimeMS=10_000)
 
 
 # a full disk ------------------------------------------------------------------------------------
