@@ -4,15 +4,15 @@ The launcher wraps `droid.app.make_app` so that the application it builds also s
 
     POST /bench/emit   {count, users, start?, rate?, event?, stamp?}: publishes `count`
                        events to the users bench-user-{(start + i) % users} through Droid's real
-                       path, `droid.events` (droid/tasks/publisher.py's EventsService) .publish
-                       with durable=False: an envelope built as for a stored one but neither
-                       numbered nor stored (this measures fan-out, not the store), handed to the
-                       real-time Delivery, which writes the specific event, then `task.event`, to
-                       each of the user's sockets. As fast as possible (rate 0) or paced at
-                       `rate` per second (when the loop comes back late, every event due by then
-                       is published in that turn, as the Node reference's emitter does);
-                       data.sentAt is the emit time on CLOCK_MONOTONIC in ms
-                       (the load generator reads the same clock). With stamp "due" (and a rate),
+                       path, `droid.events.publish_live` (droid/tasks/service.py's
+                       EventsService): an envelope built as for a stored one but neither
+                       numbered nor stored (seq null: this measures fan-out, not the store),
+                       handed to the real-time Delivery, which writes the specific event, then
+                       `task.event`, to each of the user's sockets. As fast as possible (rate 0)
+                       or paced at `rate` per second (when the loop comes back late, every event
+                       due by then is published in that turn, as the Node reference's emitter
+                       does); data.sentAt is the emit time on CLOCK_MONOTONIC in ms (the load
+                       generator reads the same clock). With stamp "due" (and a rate),
                        data.sentAt is moved back by how late the event left its pace beyond
                        TIMER_SLACK_MS, so that a loop too busy to publish on time counts in the
                        latency, and the emit time is in data.publishedAt. Answers {emitted,
@@ -116,7 +116,7 @@ class EmitHandler(BenchHandler):
         rate = float(params.get("rate", 0) or 0)
         event = str(params.get("event", "task.processing"))
         due_stamp = params.get("stamp") == "due"
-        publish = self.droid.events.publish
+        publish = self.droid.events.publish_live
         t0 = _mono_ms()
         max_lag = 0.0
 
@@ -133,7 +133,7 @@ class EmitHandler(BenchHandler):
                 if due_stamp:
                     data["publishedAt"] = data["sentAt"]
                     data["sentAt"] -= max(0.0, lag - TIMER_SLACK_MS)
-            await publish(user_id, event, data, durable=False)
+            await publish(user_id, event, data)
 
         if not rate:
             for i in range(count):

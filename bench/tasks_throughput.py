@@ -4,10 +4,11 @@
     .venv/bin/python bench/tasks_throughput.py             # SQLite: 1,000 / 10,000 / 100,000 stored
     .venv/bin/python bench/tasks_throughput.py --stored 1000 --backend mongo     # for the record
     .venv/bin/python bench/tasks_throughput.py --stored 100000 --profile   # + py-spy of the server
+    .venv/bin/python bench/tasks_throughput.py --stored 1000,1000000 --seed-cache /tmp/seed \
+        --src /path/to/an/older/tree        # the same seeded data for an older Droid
 
-For each size: a fresh data folder is filled with that many completed tasks of 20 users (one
-transaction on SQLite, through the store's own insert; `MongoStore.insert_task` one by one on
-MongoDB), then Droid is started as `python -m droid` starts it (`droid.__main__.main()`, through
+For each size: a fresh data folder is filled with that many completed tasks of 20 users, then
+Droid is started as `python -m droid` starts it (`droid.__main__.main()`, through
 `serve` below, which only adds a loop-lag probe) with its defaults (4 attempts at once) plus
 DROID_DEMO_DELAY_S=0, LOG_LEVEL=WARNING and a fixed JWT_SECRET. The load: USERS users, each with
 one python-socketio client (WebSocket) and WINDOW tasks in flight over aiohttp keep-alive HTTP:
@@ -24,6 +25,13 @@ results[].loopLagMs.store. The JSON goes to bench/results/ (ignored by git).
 
 Only for the bench: `serve` also answers GET /bench/lag (?reset=1 clears the samples).
 Figures and what they show: bench/RESULTS.md.
+
+Seeding, SQLite: always by this checkout's store (a child process `tasks_throughput.py seed`, so
+whatever --src runs, old trees included, starts from the same file with this checkout's schema;
+an older tree must read it, which additive schema changes allow): the store creates the file,
+then the rows go in with executemany in one transaction, generated a chunk at a time (1,000,000
+in about a minute, ~0.6 GB). With --seed-cache DIR the file of each size is made once and copied
+for every run. MongoDB: `MongoStore.insert_task` one by one.
 """
 from __future__ import annotations
 
@@ -44,7 +52,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from run import NICE, favoured, wait_quiet  # bench/run.py's priority and quiet-machine wait
 
@@ -159,64 +167,98 @@ def summary_ms(samples: list[float]) -> dict:
 
 # --- preloading --------------------------------------------------------------------------------
 
-def old_docs(count: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """OLD_USERS users and `count` completed tasks of theirs, created over the past days."""
+def old_users() -> list[dict]:
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+    return [{"_id": str(uuid.uuid4()), "email": f"old-{n}@bench.example", "name": None,
+             "passwordHash": "x", "createdAt": now - dt.timedelta(days=30)}
+            for n in range(OLD_USERS)]
+
+
+def old_tasks(count: int, users: list[dict], rng: random.Random) -> Iterator[dict]:
+    """`count` completed tasks of `users`, created over the past days, one at a time."""
     from droid.store import PRIORITY_RANK
 
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
-    users = [{"_id": str(uuid.uuid4()), "email": f"old-{n}@bench.example", "name": None,
-              "passwordHash": "x", "createdAt": now - dt.timedelta(days=30)}
-             for n in range(OLD_USERS)]
     priorities = list(PRIORITY_RANK)
-    tasks = []
     for i in range(count):
         created = now - dt.timedelta(seconds=(count - i) * 3)
         done = created + dt.timedelta(seconds=2)
         priority = rng.choice(priorities)
-        tasks.append({
-            "_id": str(uuid.uuid4()), "userId": users[i % OLD_USERS]["_id"],
+        yield {
+            "_id": str(uuid.uuid4()), "userId": users[i % len(users)]["_id"],
             "agentId": "00000000-0000-4000-8000-000000000001", "status": "completed",
             "priority": priority, "priorityRank": PRIORITY_RANK[priority],
             "prompt": f"old task {i}: " + "lorem ipsum " * 8, "response": "an old answer " * 10,
             "error": None, "tokensUsed": 64, "executionTimeMs": 2000, "retryCount": 0,
             "metadataJson": None, "createdAt": created, "updatedAt": done, "startedAt": created,
             "completedAt": done, "runAfter": created, "attempt": 1, "leaseOwner": None,
-            "leaseExpiresAt": None})
-    return users, tasks
+            "leaseExpiresAt": None}
 
 
-async def preload_sqlite(path: str, count: int) -> None:
+async def seed_sqlite(path: str, count: int) -> None:
+    """Run by `tasks_throughput.py seed PATH COUNT` (this checkout's store): the store makes
+    the file, then the rows go in through executemany, a chunk at a time, in one transaction."""
     from droid.store.sqlite import SqliteStore
+    from droid.store.sqlite.rows import row_values
 
-    users, tasks = old_docs(count, random.Random(count))
     store = SqliteStore(path)
     await store.open()
     try:
-        # One transaction in the store's thread, through its own insert (so the rows are what
-        # insert_task writes); one commit instead of `count`.
         def bulk() -> None:
-            store._conn.execute("BEGIN IMMEDIATE")
+            conn = store._conn
+            users = old_users()
+            conn.execute("BEGIN IMMEDIATE")
             for doc in users:
                 store._insert("users", doc)
-            for doc in tasks:
-                store._insert("tasks", doc)
-            store._conn.execute("COMMIT")
+            sql = None
+            chunk: list[list] = []
+            for doc in old_tasks(count, users, random.Random(count)):
+                names, values = row_values("tasks", doc)
+                if sql is None:
+                    sql = (f"INSERT INTO tasks ({', '.join(names)}) "
+                           f"VALUES ({', '.join('?' * len(names))})")
+                chunk.append(values)
+                if len(chunk) == 10_000:
+                    conn.executemany(sql, chunk)
+                    chunk = []
+            if chunk:
+                conn.executemany(sql, chunk)
+            conn.execute("COMMIT")
 
         await store._run(bulk)
     finally:
         await store.close()
 
 
+async def preload_sqlite(path: str, count: int, cache: Path | None) -> None:
+    """The data folder's file: seeded by this checkout in a child process (so that every --src
+    starts from the same file), or copied from --seed-cache."""
+    cached = cache / f"tasks-{count}.sqlite3" if cache is not None else None
+    if cached is None or not cached.exists():
+        target = cached or Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
+            leftover.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        await asyncio.to_thread(subprocess.run, [sys.executable, __file__, "seed", str(partial),
+                                                 str(count)], env=env, check=True)
+        os.replace(partial, target)  # closed cleanly: no -wal left beside it
+    if cached is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, cached, path)
+
+
 async def preload_mongo(uri: str, db: str, count: int) -> None:
     from droid.store.mongo import MongoStore
 
-    users, tasks = old_docs(count, random.Random(count))
+    users = old_users()
     store = MongoStore(uri, db)
     await store.open()
     try:
         for doc in users:
             await store.insert_user(doc)
-        for doc in tasks:
+        for doc in old_tasks(count, users, random.Random(count)):
             await store.insert_task(doc)
     finally:
         await store.close()
@@ -409,7 +451,7 @@ async def run_size(args: argparse.Namespace, stored: int, workdir: Path,
         await preload_mongo(mongo_uri, db, stored)
     else:
         env.update(DROID_DATA_DIR=str(data))
-        await preload_sqlite(str(data / "droid.sqlite3"), stored)
+        await preload_sqlite(str(data / "droid.sqlite3"), stored, args.seed_cache)
     preload_s = time.perf_counter() - t0
     log = workdir / f"server-{stored}.log"
     with open(log, "wb") as out:
@@ -504,6 +546,9 @@ def main() -> None:
         sys.argv[1:2] = []
         serve()
         return
+    if sys.argv[1:2] == ["seed"]:
+        asyncio.run(seed_sqlite(sys.argv[2], int(sys.argv[3])))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stored", default="1000,10000,100000",
                         help="comma-separated numbers of tasks stored before the run")
@@ -522,6 +567,9 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=30.0, metavar="S",
                         help="before each size, wait up to S s for other processes to leave "
                              "the CPUs nearly idle (default 30; 0: do not wait)")
+    parser.add_argument("--seed-cache", type=Path, default=None, metavar="DIR",
+                        help="SQLite: keep each size's seeded file in DIR and copy it for every "
+                             "run (made once, by this checkout's store)")
     parser.add_argument("--no-pin", action="store_true",
                         help="let the server and the load run on any core (default: server on "
                              "CPU 0, load on CPU 1)")

@@ -35,8 +35,7 @@ from .realtime.wire import NAMESPACE
 from .store import Store, store_from_config
 from .tasks.agents import AgentService
 from .tasks.llm import make_provider
-from .tasks.publisher import EventsService
-from .tasks.service import TaskService
+from .tasks.service import EventsService, TaskService
 from .tasks.worker import Worker
 from .web import Origins
 from .webhooks import Webhooks
@@ -151,7 +150,7 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
         manager = make_manager(config, redis)
     origins = Origins(config.cors_origins)
     tokens = Tokens(config)
-    events = EventsService(store, metrics, relay=manager)
+    events = EventsService(metrics, relay=manager)
     api_keys = ApiKeys(store, relay=manager)
     realtime = Realtime(config, store=store, tokens=tokens, publisher=events, origins=origins,
                         metrics=metrics, manager=manager, api_keys=api_keys)

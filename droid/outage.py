@@ -1,29 +1,61 @@
-"""A lost dependency logged once when it goes and once when it returns."""
+"""A lost dependency (Redis, a database that refuses writes) logged once when it goes and once
+when it returns, never once per request."""
 from __future__ import annotations
 
 import logging
+import threading
 
 log = logging.getLogger("droid.outage")
 
 
 class Outage:
-    """Logs the loss of a dependency once, and its return once, for one use of it."""
+    """The state of one use of a dependency that may fail for a while and come back.
 
-    def __init__(self, what: str, meanwhile: str, *, dependency: str = "Redis",
-                 logger: logging.Logger = log) -> None:
+    `failed(reason)` and `recovered()` may be called as often as wanted, from any thread (a
+    store's thread and the event loop may both report): only the changes are logged, `lost %
+    reason` at WARNING (or `level`) and `back` at INFO. A reason that is an exception is logged
+    as `Type: message`.
+    """
+
+    def __init__(self, lost: str, back: str, *, logger: logging.Logger = log,
+                 level: int = logging.WARNING) -> None:
         self.log = logger
-        self.what = what
-        self.meanwhile = meanwhile
-        self.dependency = dependency
+        self.lost = lost
+        self.back = back
+        self.level = level
         self.down = False
+        self.reason: str | None = None
+        self._lock = threading.Lock()
 
-    def failed(self, exc: BaseException) -> None:
-        if not self.down:
+    @classmethod
+    def of(cls, dependency: str, what: str, meanwhile: str, *,
+           logger: logging.Logger = log) -> "Outage":
+        """`{dependency} unavailable for {what} (reason); {meanwhile} until it is back`, then
+        `{dependency} is back for {what}`."""
+        lost = f"{dependency} unavailable for {what}".replace("%", "%%")
+        return cls(lost + " (%s); " + meanwhile.replace("%", "%%") + " until it is back",
+                   f"{dependency} is back for {what}", logger=logger)
+
+    def failed(self, reason: object) -> bool:
+        """Record a failure; True when it starts an outage (and was logged)."""
+        text = (f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException)
+                else str(reason))
+        with self._lock:
+            if self.down:
+                return False
             self.down = True
-            self.log.warning("%s unavailable for %s (%s: %s); %s until it is back", self.dependency,
-                        self.what, type(exc).__name__, exc, self.meanwhile)
+            self.reason = text
+        self.log.log(self.level, self.lost, text)
+        return True
 
-    def recovered(self) -> None:
-        if self.down:
+    def recovered(self) -> bool:
+        """Record a success; True when it ends an outage (and was logged)."""
+        if not self.down:  # the common case, without the lock
+            return False
+        with self._lock:
+            if not self.down:
+                return False
             self.down = False
-            self.log.info("%s is back for %s", self.dependency, self.what)
+            self.reason = None
+        self.log.info("%s", self.back)
+        return True

@@ -24,7 +24,7 @@ from droid.config import load_config
 from droid.store import Store
 from droid.store.mongo import MongoStore
 from droid.store.sqlite import SqliteStore
-from droid.util import dumps, loads
+from droid.util import dumps, loads, now_iso, utcnow
 
 import mongo_server
 
@@ -48,6 +48,19 @@ def mongo_uri() -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         try:
             uri = stack.enter_context(mongo_server.mongodb_uri())
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def mongo_standalone_uri() -> Iterator[str]:
+    """A MongoDB server without transactions: a SecantusDB process started as a standalone
+    server. With DROID_TEST_MONGODB_URI set, that server, and the tests make their MongoStore
+    act as on one without transactions (MongoStore(..., transactions=False))."""
+    with contextlib.ExitStack() as stack:
+        try:
+            uri = stack.enter_context(mongo_server.mongodb_uri(standalone=True))
         except RuntimeError as exc:
             pytest.fail(str(exc))
         yield uri
@@ -213,6 +226,15 @@ async def listen() -> AsyncIterator[Callable[..., Awaitable[Listener]]]:
     yield connect
     for listener in made:
         await listener.close()
+
+
+async def publish_event(app: Droid, user_id: str, event: str, data: dict) -> dict:
+    """Store an envelope of any shape for the user (numbered with the next seq) and deliver it,
+    as the task service does with the envelope of a task's change once it is stored."""
+    envelope = {"event": event, "data": data, "timestamp": now_iso(), "seq": None}
+    await app.store.append_event(user_id, event, envelope, utcnow())
+    await app.events.publish(user_id, envelope)
+    return envelope
 
 
 async def wait_until(predicate: Callable[[], Awaitable[Any]], timeout: float = 5.0,

@@ -30,9 +30,14 @@ URI_ENV = "DROID_TEST_MONGODB_URI"
 
 
 class SecantusServer:
-    """One secantusd-py process on 127.0.0.1, a free port and a temporary storage directory."""
+    """One secantusd-py process on 127.0.0.1, a free port and a temporary storage directory.
 
-    def __init__(self) -> None:
+    By default it answers `hello` as a single-node replica set (so it has transactions);
+    `standalone=True` makes it a standalone server, which a MongoStore takes for one without
+    transactions (droid/store/mongo/connection.py)."""
+
+    def __init__(self, *, standalone: bool = False) -> None:
+        self.standalone = standalone
         if not os.access(EXECUTABLE, os.X_OK):
             raise RuntimeError(f"SecantusDB is not installed ({EXECUTABLE} is missing): run "
                                f"tests/run, which installs it into .venv-secantus")
@@ -51,7 +56,8 @@ class SecantusServer:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [str(EXECUTABLE), "--host", "127.0.0.1", "--port", str(self.port),
-                 "--storage-path", str(storage), "--log-level", "WARNING"],
+                 "--storage-path", str(storage), "--log-level", "WARNING",
+                 *(["--standalone"] if self.standalone else [])],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.dir.name, preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout
@@ -86,8 +92,9 @@ class SecantusServer:
 
 
 @contextlib.contextmanager
-def mongodb_uri() -> Iterator[str]:
-    """DROID_TEST_MONGODB_URI when set, else the URI of a SecantusDB started for the block.
+def mongodb_uri(*, standalone: bool = False) -> Iterator[str]:
+    """DROID_TEST_MONGODB_URI when set, else the URI of a SecantusDB started for the block
+    (`standalone`: one without transactions; a real MongoDB given by URI is what it is).
 
     Raises RuntimeError (never skips) when SecantusDB is needed and not installed.
     """
@@ -95,7 +102,7 @@ def mongodb_uri() -> Iterator[str]:
     if uri:
         yield uri
         return
-    server = SecantusServer()
+    server = SecantusServer(standalone=standalone)
     try:
         server.start()
         yield server.uri

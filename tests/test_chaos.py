@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from conftest import Api
+from conftest import Api, publish_event
 from rawsio import RawSocket
 from redis_server import redis_server  # noqa: F401 - the fixture
 
@@ -94,8 +94,8 @@ async def _chaos(apps, seed: int) -> None:
         for i in range(k, EVENTS, 4):
             user = users[i % USERS]
             app = apps[(i // USERS) % len(apps)]  # a user's envelopes alternate instances
-            await app.tasks.publisher.publish(user["id"], "task.created",
-                                              {"taskId": f"t{i}", "userId": user["id"], "n": i})
+            await publish_event(app, user["id"], "task.created",
+                                {"taskId": f"t{i}", "userId": user["id"], "n": i})
             await asyncio.sleep(0)  # let sockets in between publishes
 
     await asyncio.gather(*[publisher(k) for k in range(4)])

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import socketio
 
-from conftest import make_config
+from conftest import make_config, publish_event
 from droid import serving as droid_main
 from droid.realtime import transport as droid_transport
 from droid.realtime.delivery import Delivery
@@ -101,7 +101,7 @@ async def test_connected_does_not_wait_for_the_store_and_nothing_after_it_is_los
     try:
         await raw.wait_for(lambda: raw.of("connected"))
         assert reading.is_set() and not gate.is_set()
-        await droid.events.publish("slow-store", "task.cancelled", {"taskId": "t-1"})
+        await publish_event(droid, "slow-store", "task.cancelled", {"taskId": "t-1"})
         gate.set()
         await raw.wait_for(lambda: raw.of("task.event"))
         assert [e["data"]["taskId"] for e in raw.of("task.cancelled")] == ["t-1"]

@@ -15,7 +15,7 @@ import pytest
 import socketio
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from conftest import ISO_RE, Listener, wait_until
+from conftest import ISO_RE, Listener, publish_event, wait_until
 from droid.config import MAX_BACKLOG
 from droid.realtime.gateway import MAX_SOCKETS_PER_USER
 from test_events import mint
@@ -135,7 +135,7 @@ async def test_a_stalled_websocket_client_is_disconnected_not_buffered(droid, li
     big = "x" * 16_000
     published = 0
     while len(droid.gateway.sockets) == 2:
-        await droid.events.publish(user, "task.created", {"taskId": "t", "pad": big})
+        await publish_event(droid, user, "task.created", {"taskId": "t", "pad": big})
         published += 1
         assert published < 2000, "the stalled client was never disconnected"
     assert list(droid.gateway.sockets) == [sid_of(healthy)]
@@ -166,7 +166,7 @@ async def test_a_stalled_polling_client_is_disconnected_not_buffered(droid, list
     await healthy.next("connections.count", where=lambda d: d["count"] == 2)
     # It never polls again: everything for it waits in python-engineio's queue.
     for n in range(MAX_BACKLOG // 2 + 10):
-        await droid.events.publish(user, "task.created", {"taskId": "t", "n": n})
+        await publish_event(droid, user, "task.created", {"taskId": "t", "n": n})
     assert len(droid.gateway.sockets) == 1
     assert sid not in droid.sio.eio.sockets or droid.sio.eio.sockets[sid].closed
     assert (await request(f"{base}&sid={sid}")).code == 400
@@ -181,7 +181,7 @@ async def test_a_disconnected_laggard_comes_back_with_last_seq(droid, listen):
     for _ in range(2000):
         if not droid.gateway.sockets:
             break
-        await droid.events.publish(user, "task.created", {"pad": "x" * 16_000})
+        await publish_event(droid, user, "task.created", {"pad": "x" * 16_000})
     assert not droid.gateway.sockets, "the stalled client was never disconnected"
     stalled.close()
     last = await droid.store.last_seq(user)
@@ -249,7 +249,7 @@ async def test_refusals_are_logged_with_the_reason_and_never_the_token(droid, li
         await other.connect(droid.url, namespaces=["/other"], auth={"token": good},
                             transports=["websocket"], wait_timeout=5)
     tab = await listen(droid.url, good)
-    await droid.events.publish(user, "task.created", {"taskId": "t"})
+    await publish_event(droid, user, "task.created", {"taskId": "t"})
     await tab.next("task.event")
     await tab.close()
     await wait_until(lambda: _async(not droid.gateway.sockets))
@@ -278,7 +278,7 @@ async def test_a_stalled_websocket_is_cut_by_bytes_long_before_1000_messages(dro
     await wait_until(lambda: _async(len(droid.gateway.sockets) == 1))
     published = 0
     while droid.gateway.sockets:
-        await droid.events.publish(user, "task.created", {"taskId": "t", "pad": LARGE})
+        await publish_event(droid, user, "task.created", {"taskId": "t", "pad": LARGE})
         published += 1
         # 4 MiB held by the process plus what the kernel's socket buffers take: about 32 to 70
         # envelopes here; the message bound alone would have waited for 500.
@@ -300,7 +300,7 @@ async def test_a_stalled_polling_client_is_cut_by_bytes_long_before_1000_message
     assert "40/events" in (await request(f"{base}&sid={sid}")).body.decode()
     await wait_until(lambda: _async(len(droid.gateway.sockets) == 1))
     for n in range(100):  # 200 messages, 12.8 MB: over the bytes bound, under the message one
-        await droid.events.publish(user, "task.created", {"n": n, "pad": LARGE})
+        await publish_event(droid, user, "task.created", {"n": n, "pad": LARGE})
         if not droid.gateway.sockets:
             break
     assert not droid.gateway.sockets
@@ -316,7 +316,7 @@ async def test_a_stalled_sse_reader_is_given_at_most_the_bytes_bound_at_once(dro
     from droid.config import MAX_BACKLOG_BYTES
     user = str(uuid.uuid4())
     for n in range(200):
-        await droid.events.publish(user, "task.created", {"n": n, "pad": LARGE})
+        await publish_event(droid, user, "task.created", {"n": n, "pad": LARGE})
     raw = socket.create_connection(("127.0.0.1", droid.port))
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     reader, writer = await asyncio.open_connection(sock=raw)
@@ -340,7 +340,7 @@ async def test_an_sse_reader_that_takes_nothing_is_disconnected(droid, monkeypat
     monkeypatch.setattr(sse, "DRAIN_TIMEOUT_S", 0.5)
     user = str(uuid.uuid4())
     for n in range(120):
-        await droid.events.publish(user, "task.created", {"n": n, "pad": LARGE})
+        await publish_event(droid, user, "task.created", {"n": n, "pad": LARGE})
     raw = socket.create_connection(("127.0.0.1", droid.port))
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     reader, writer = await asyncio.open_connection(sock=raw)
@@ -392,11 +392,11 @@ async def test_one_stalled_socket_is_shed_once(droid, listen, caplog, transport)
     while stalled_sid in droid.gateway.sockets:
         # both kinds of writes: a room emit of python-socketio's, then an envelope of Delivery's
         await droid.sio.emit("bulk", {"pad": LARGE}, to=stalled_sid, namespace="/events")
-        await droid.events.publish(user, "task.created", {"n": published, "pad": LARGE})
+        await publish_event(droid, user, "task.created", {"n": published, "pad": LARGE})
         published += 1
         assert published < 300, "the stalled socket was never shed"
     for _ in range(20):  # more writes after the cut count nothing more
-        await droid.events.publish(user, "task.created", {"pad": LARGE})
+        await publish_event(droid, user, "task.created", {"pad": LARGE})
     assert _shed_count(droid) == before + 1
     lines = [r for r in caplog.records if r.levelno == logging.WARNING and
              "behind" in r.getMessage()]

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from conftest import publish_event
 from test_events import mint
 
 pytestmark = pytest.mark.asyncio
@@ -20,8 +21,8 @@ def seqs(listener, name: str = "task.event") -> list[int]:
 async def publish(app, user_id: str, count: int, start: int = 0) -> None:
     """Publish `count` stored events of the user, as the task service would."""
     for i in range(start, start + count):
-        await app.events.publish(user_id, "task.created",
-                                         {"taskId": f"t{i}", "userId": user_id, "n": i})
+        await publish_event(app, user_id, "task.created",
+                            {"taskId": f"t{i}", "userId": user_id, "n": i})
 
 
 async def resume(listen, app, user_id: str, last_seq: int):

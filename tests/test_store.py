@@ -7,13 +7,22 @@ connections, as several processes have), the in-memory backend, which is private
 object, gives the same store each time and the concurrency comes from coroutines alone.
 The MongoDB share stays small, since SecantusDB scans and sorts in memory (tens of ms per claim);
 the concurrency tests run ten times the counts on SQLite.
+
+A change of a task and its envelope are one atomic write; on MongoDB that is a transaction on a
+replica set (SecantusDB answers as one) and, on a standalone server, the envelope pending in the
+task's document and numbered right after (droid/store/mongo/outbox.py). The tests of those
+writes also run on "mongo-standalone": a SecantusDB started as a standalone server (with
+DROID_TEST_MONGODB_URI, that server with its transactions turned off in the store).
 """
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import json
+import logging
+import os
 import pathlib
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -25,17 +34,23 @@ import pytest
 import pytest_asyncio
 from pymongo import AsyncMongoClient
 
+import mongo_server
 from droid.errors import Conflict
-from droid.store import PRIORITY_RANK, STATUSES, Store
+from droid.store import PRIORITY_RANK, STATUSES, Change, Store, StoreFailing
 from droid.store.base import MAX_ATTEMPTS_KEPT
+from droid.store.envelopes import envelope_of, event_data, state_of, task_json
 from droid.store.mongo import MongoStore
 from droid.store.sqlite import SqliteStore
-from droid.util import utcnow
+from droid.util import dumps, utcnow
 from redis_server import die_with_parent
 
 pytestmark = pytest.mark.asyncio
 
 BACKENDS = ("sqlite-file", "sqlite-memory", "mongo")
+# The tests of a task's changes with their envelopes: every way a store writes them.
+WRITES = BACKENDS + ("mongo-standalone",)
+# Backends whose database outlives a store object (repair at open).
+REOPENED = ("sqlite-file", "mongo", "mongo-standalone")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EPOCH_2000 = dt.datetime(2000, 1, 1)
 
@@ -52,11 +67,20 @@ class Backend:
         self.db_name = f"droid_store_{uuid.uuid4().hex[:12]}"
         self.opened: list[Store] = []
         # SecantusDB scans and sorts in memory: the MongoDB share stays small.
-        self.scale = 1 if name == "mongo" else 10
+        self.scale = 1 if self.mongo else 10
+
+    @property
+    def mongo(self) -> bool:
+        return self.name.startswith("mongo")
 
     def new(self, **kwargs: int) -> Store:
         if self.name == "mongo":
             return MongoStore(self.mongo_uri, self.db_name, **kwargs)
+        if self.name == "mongo-standalone":
+            # SecantusDB --standalone: the store finds out itself; a server given by URI may
+            # have transactions: turned off, so that the path without them is what runs.
+            forced = False if os.environ.get(mongo_server.URI_ENV) else None
+            return MongoStore(self.mongo_uri, self.db_name, transactions=forced, **kwargs)
         return SqliteStore(self.path if self.name == "sqlite-file" else ":memory:", **kwargs)
 
     async def fresh(self, **kwargs: int) -> Store:
@@ -79,7 +103,7 @@ class Backend:
     async def close(self) -> None:
         for store in reversed(self.opened):
             await store.close()
-        if self.name == "mongo":
+        if self.mongo:
             client: AsyncMongoClient = AsyncMongoClient(self.mongo_uri)
             try:
                 await client.drop_database(self.db_name)
@@ -89,7 +113,9 @@ class Backend:
 
 @pytest_asyncio.fixture(params=BACKENDS)
 async def backend(request, tmp_path) -> AsyncIterator[Backend]:
-    uri = request.getfixturevalue("mongo_uri") if request.param == "mongo" else None
+    uri = {"mongo": "mongo_uri", "mongo-standalone": "mongo_standalone_uri"}.get(request.param)
+    if uri is not None:
+        uri = request.getfixturevalue(uri)
     made = Backend(request.param, tmp_path, uri)
     try:
         yield made
@@ -794,54 +820,462 @@ async def test_expire_removes_only_old_events_and_keys(backend: Backend) -> None
     kept_events = [event_doc(alice, 3, now - secs(3500)), event_doc(alice, 4, now)]
     for doc in (*old_events, *kept_events):
         await store.insert_event(doc)
-    assert await store.claim_key(alice, "old", "task-old", now - secs(7201), EPOCH_2000) == \
-        "task-old"
-    assert await store.claim_key(alice, "kept", "task-kept", now - secs(3601), EPOCH_2000) == \
-        "task-kept"
+    old = task_doc(alice, created=now - secs(7201))
+    kept = task_doc(alice, created=now - secs(3601))
+    assert await store.insert_task(old, key="old", key_since=EPOCH_2000) == old
+    assert await store.insert_task(kept, key="kept", key_since=EPOCH_2000) == kept
 
     await store.expire(now)
     assert [event_fields(d) for d in await store.events_after(alice, 0, 10)] == kept_events
     assert await store.oldest_seq(alice) == 3
     assert await store.last_seq(alice) == 0  # expiry never touches the counter
-    # With `since` far in the past a remembered key always wins: only a forgotten one is free.
-    assert await store.claim_key(alice, "old", "task-new", now, EPOCH_2000) == "task-new"
-    assert await store.claim_key(alice, "kept", "task-new", now, EPOCH_2000) == "task-kept"
+    # With `key_since` far in the past a remembered key always wins: only a forgotten one is free.
+    new, newer = task_doc(alice), task_doc(alice)
+    assert await store.insert_task(new, key="old", key_since=EPOCH_2000) == new
+    assert await store.insert_task(newer, key="kept", key_since=EPOCH_2000) == kept
+    assert await store.task_by_id(old["_id"]) == old  # the task itself is kept
 
 
 # idempotency -------------------------------------------------------------------------------
 
 
-async def test_claim_key_first_wins_and_an_old_key_is_taken_over(store: Store) -> None:
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_a_key_names_the_first_task_of_its_user_and_an_old_key_is_taken_over(
+        backend: Backend) -> None:
+    store = await backend.open()
     alice, bob = new_id(), new_id()
     now = utcnow()
     day_ago = now - secs(86400)
-    assert await store.claim_key(alice, "k", "t1", now - secs(60), day_ago) == "t1"
-    assert await store.claim_key(alice, "k", "t2", now, day_ago) == "t1"
-    assert await store.claim_key(alice, "other-key", "t3", now, day_ago) == "t3"
-    assert await store.claim_key(bob, "k", "t4", now, day_ago) == "t4"
-    # Used before `since`: the key is free again, and from then on names the new task.
-    assert await store.claim_key(alice, "k", "t5", now + secs(10), now - secs(30)) == "t5"
-    assert await store.claim_key(alice, "k", "t6", now + secs(20), now - secs(30)) == "t5"
-    assert await store.claim_key(bob, "k", "t7", now + secs(20), day_ago) == "t4"
+    first = task_doc(alice, created=now - secs(60))
+    created = Change("task.created", now - secs(60))
+    assert await store.insert_task(first, created, key="k", key_since=day_ago) == first
+    assert created.envelope["seq"] == 1
+    # The same key again: the first task, and nothing stored (no task, no envelope).
+    again = Change("task.created", now)
+    second = task_doc(alice, created=now)
+    assert await store.insert_task(second, again, key="k", key_since=day_ago) == first
+    assert again.envelope is None and await store.task_by_id(second["_id"]) is None
+    assert await store.last_seq(alice) == 1
+    other_key = task_doc(alice, created=now)
+    assert await store.insert_task(other_key, key="other-key", key_since=day_ago) == other_key
+    bobs = task_doc(bob, created=now)
+    assert await store.insert_task(bobs, key="k", key_since=day_ago) == bobs
+    # Claimed before `key_since`: the key is free again, and from then on names the new task.
+    later = task_doc(alice, created=now + secs(10))
+    assert await store.insert_task(later, key="k", key_since=now - secs(30)) == later
+    assert await store.insert_task(task_doc(alice, created=now + secs(20)), key="k",
+                                   key_since=now - secs(30)) == later
+    assert await store.insert_task(task_doc(bob), key="k", key_since=day_ago) == bobs
+    assert await store.task_by_id(first["_id"]) == first
 
 
 @pytest.mark.parametrize("stale", [False, True], ids=["new-key", "stale-key"])
-async def test_claim_key_under_20_concurrent_requests_has_one_winner(
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_concurrent_inserts_with_one_key_store_one_task_and_one_envelope(
         backend: Backend, stale: bool) -> None:
     stores = await backend.peers(3)
     alice = new_id()
     now = utcnow()
     since = now - secs(3600)
     if stale:
-        assert await stores[0].claim_key(alice, "k", "ancient", now - secs(7200), EPOCH_2000) \
-            == "ancient"
-    task_ids = [f"task-{i}" for i in range(20)]
-    results = await asyncio.gather(*(stores[i % 3].claim_key(alice, "k", task_id, now, since)
-                                     for i, task_id in enumerate(task_ids)))
-    winners = [task_id for task_id, got in zip(task_ids, results) if got == task_id]
+        ancient = task_doc(alice, created=now - secs(7200))
+        assert await stores[0].insert_task(ancient, key="k", key_since=EPOCH_2000) == ancient
+    docs = [task_doc(alice, created=now) for _ in range(20)]
+    changes = [Change("task.created", now) for _ in docs]
+    results = await asyncio.gather(*(
+        stores[i % 3].insert_task(doc, change, key="k", key_since=since)
+        for i, (doc, change) in enumerate(zip(docs, changes))))
+    winners = [doc for doc, got in zip(docs, results) if got == doc]
     assert len(winners) == 1, results
     assert results == [winners[0]] * 20
-    assert await stores[1].claim_key(alice, "k", "late", now, since) == winners[0]
+    assert [c.envelope is not None for c in changes].count(True) == 1
+    assert [e["envelope"]["data"]["taskId"] for e in await stores[1].events_after(alice, 0, 50)] \
+        == [winners[0]["_id"]]
+    page = await stores[2].tasks_page(alice, status=None, agent_id=None, limit=50, after=None)
+    assert len(page) == (2 if stale else 1)
+
+
+async def test_sqlite_a_key_naming_no_task_is_released(tmp_path) -> None:
+    """A key an older version claimed before it crashed, without its task: the request that
+    brings it creates the task (never a 409 for a day)."""
+    store = SqliteStore(str(tmp_path / "droid.sqlite3"))
+    await store.open()
+    try:
+        alice = new_id()
+        now = utcnow()
+        await store._run(lambda: store._conn.execute(
+            "INSERT INTO idempotency (userId, key, taskId, createdAt) VALUES (?, 'k', 'lost', ?)",
+            (alice, int((now - EPOCH_2000).total_seconds() * 1000))))
+        doc = task_doc(alice, created=now)
+        change = Change("task.created", now)
+        assert await store.insert_task(doc, change, key="k", key_since=now - secs(60)) == doc
+        assert change.envelope["seq"] == 1
+        assert await store.insert_task(task_doc(alice), key="k", key_since=now - secs(60)) == doc
+    finally:
+        await store.close()
+
+
+# a task's changes with their envelopes ---------------------------------------------------------
+
+
+def assert_envelope(change: Change, doc: dict, seq: int) -> None:
+    """The envelope the store returned is the change's, built from the task as it now is."""
+    assert change.envelope == {"event": change.event, "seq": seq,
+                               "data": event_data(change.event, task_json(doc)),
+                               "timestamp": change.at.isoformat(timespec="milliseconds") + "Z"}
+
+
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_each_change_of_a_task_stores_its_envelope_with_it(backend: Backend) -> None:
+    store = await backend.open()
+    alice = new_id()
+    t0 = utcnow() - secs(10)
+    doc = task_doc(alice, created=t0, metadataJson='{"k":[1,"é"]}')
+    changes = []
+
+    created = Change("task.created", t0)
+    assert await store.insert_task(doc, created) == doc
+    assert_envelope(created, doc, 1)
+    assert created.envelope["data"]["metadata"] == {"k": [1, "é"]}
+    changes.append(created)
+
+    claimed = Change("task.processing", t0 + secs(1))
+    running = await store.claim_task("w", claimed.at, claimed.at + secs(30), claimed)
+    assert running["status"] == "processing" and running == await store.task_by_id(doc["_id"])
+    assert_envelope(claimed, running, 2)
+    changes.append(claimed)
+
+    retry = Change("task.pending", t0 + secs(2))
+    back = await store.update_attempt(doc["_id"], 1, {
+        "status": "pending", "error": "boom", "updatedAt": retry.at, "runAfter": retry.at,
+        "leaseOwner": None, "leaseExpiresAt": None}, count_retry=True, change=retry)
+    assert back["retryCount"] == 1
+    assert_envelope(retry, back, 3)
+    assert retry.envelope["data"]["retryCount"] == 1
+    changes.append(retry)
+
+    again = Change("task.processing", t0 + secs(3))
+    await store.claim_task("w", again.at, again.at + secs(30), again)
+    done = Change("task.completed", t0 + secs(4))
+    finished = await store.update_attempt(doc["_id"], 2, {
+        "status": "completed", "response": "hi", "tokensUsed": 3, "completedAt": done.at,
+        "updatedAt": done.at, "leaseOwner": None, "leaseExpiresAt": None}, change=done)
+    assert_envelope(done, finished, 5)
+    changes += [again, done]
+
+    other = task_doc(alice, created=t0 + secs(5))
+    await store.insert_task(other, Change("task.created", t0 + secs(5)))
+    cancelled = Change("task.cancelled", t0 + secs(6))
+    gone = await store.cancel_task(other["_id"], alice, cancelled.at, cancelled)
+    assert_envelope(cancelled, gone, 7)
+    changes.append(cancelled)
+
+    stored = await store.events_after(alice, 0, 50)
+    assert [d["seq"] for d in stored] == list(range(1, 8))
+    mine = [d for d in stored if d["envelope"]["data"]["taskId"] == doc["_id"]]
+    assert [d["envelope"] for d in mine] == [c.envelope for c in changes[:5]]
+    assert [(d["event"], d["createdAt"]) for d in mine] == [(c.event, c.at) for c in changes[:5]]
+    assert stored[-1]["envelope"] == cancelled.envelope
+    assert state_of(mine[-1]["envelope"]) == (await store.task_by_id(doc["_id"]))["status"]
+    assert await store.last_seq(alice) == 7
+
+
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_a_change_that_changes_nothing_stores_no_envelope(backend: Backend) -> None:
+    store = await backend.open()
+    alice = new_id()
+    now = utcnow()
+    nothing = Change("task.processing", now)
+    assert await store.claim_task("w", now, now + secs(30), nothing) is None
+    assert nothing.envelope is None
+    done = task_doc(alice, status="completed", completedAt=now)
+    await store.insert_task(done)
+    refused = Change("task.cancelled", now)
+    assert await store.cancel_task(done["_id"], alice, now, refused) is None
+    assert await store.cancel_task(new_id(), alice, now, refused) is None
+    stale = Change("task.completed", now)
+    assert await store.update_attempt(done["_id"], 1, {"status": "completed"},
+                                      change=stale) is None
+    assert refused.envelope is None and stale.envelope is None
+    assert await store.last_seq(alice) == 0 and await store.events_after(alice, 0, 10) == []
+    assert await store.task_by_id(done["_id"]) == done
+
+
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_concurrent_changes_of_one_user_number_without_gap_or_repeat(
+        backend: Backend) -> None:
+    """Creates, claims and ends racing in three store objects: every change stored with its
+    envelope, seqs 1..n once each, and every task's last envelope is its state."""
+    stores = await backend.peers(3)
+    alice = new_id()
+    n = 6 * backend.scale
+    base = utcnow() - secs(60)
+    docs = [task_doc(alice, created=base + dt.timedelta(milliseconds=i)) for i in range(n)]
+    changes: list[Change] = []
+
+    async def create(i: int) -> None:
+        change = Change("task.created", docs[i]["createdAt"])
+        changes.append(change)
+        await stores[i % 3].insert_task(docs[i], change)
+
+    async def work(store: Store) -> None:
+        while True:
+            now = utcnow()
+            claim = Change("task.processing", now)
+            doc = await store.claim_task("w", now, now + secs(30), claim)
+            if doc is None:
+                if len(changes) >= n:  # every create has begun; nothing due now
+                    return
+                await asyncio.sleep(0.01)
+                continue
+            end = Change("task.completed", utcnow())
+            changes.extend([claim, end])
+            assert await store.update_attempt(doc["_id"], doc["attempt"], {
+                "status": "completed", "completedAt": end.at, "updatedAt": end.at},
+                change=end) is not None
+
+    await asyncio.gather(*(create(i) for i in range(n)), *(work(s) for s in stores))
+    for store in stores:  # a task created after a worker looked last
+        await work(store)
+    assert len(changes) == 3 * n and all(c.envelope is not None for c in changes)
+    assert sorted(c.envelope["seq"] for c in changes) == list(range(1, 3 * n + 1))
+    stored = await stores[1].events_after(alice, 0, 4 * n)
+    assert [d["seq"] for d in stored] == list(range(1, 3 * n + 1))
+    last = {d["envelope"]["data"]["taskId"]: state_of(d["envelope"]) for d in stored}
+    for doc in docs:
+        assert last[doc["_id"]] == (await stores[2].task_by_id(doc["_id"]))["status"] \
+            == "completed"
+
+
+@pytest.mark.parametrize("backend", ("sqlite-file", "sqlite-memory", "mongo"), indirect=True)
+async def test_a_change_whose_envelope_cannot_be_stored_is_not_stored(backend: Backend) -> None:
+    """One transaction: the envelope's seq is taken already (stored behind the counter's
+    back), so its insert fails, and the change goes with it. (Without transactions the change
+    is stored with its envelope pending first: see the tests of the outbox below.)"""
+    store = await backend.open()
+    alice = new_id()
+    await store.insert_event(event_doc(alice, 1))  # seq 1 taken; the counter still at 0
+    doc = task_doc(alice)
+    change = Change("task.created", utcnow())
+    with pytest.raises((sqlite3.IntegrityError, StoreFailing)):
+        await store.insert_task(doc, change)
+    assert change.envelope is None
+    assert await store.task_by_id(doc["_id"]) is None
+    assert await store.last_seq(alice) == 0
+
+
+# without transactions: envelopes pending in the task's document (droid/store/mongo/outbox.py) --
+
+
+def pending(event: str, at: dt.datetime, entry_id: str | None = None) -> dict:
+    """What a change writes into a task's document before its envelope is numbered."""
+    return {"pending": {"id": entry_id or new_id(), "event": event, "at": at}, "pendingAt": at}
+
+
+@pytest.mark.parametrize("backend", ("mongo-standalone",), indirect=True)
+async def test_without_transactions_what_a_crashed_writer_left_is_numbered(
+        backend: Backend) -> None:
+    """A writer that died after its change (the envelope pending in the task's document), and
+    one that died holding the user's counter while numbering: the next store to open completes
+    both, in order and with no hole, and the periodic check does the same while running."""
+    store = await backend.open()
+    assert store.transactions is False
+    alice = new_id()
+    old = utcnow() - secs(30)
+    left = task_doc(alice, created=old)
+    await store.tasks.insert_one({**left, **pending("task.created", old)})
+    held = task_doc(alice, created=old - secs(1))
+    entry = pending("task.created", old - secs(1))
+    await store.tasks.insert_one({**held, **entry})
+    envelope = {**envelope_of("task.created", held, old - secs(1)), "seq": 1}
+    await store.counters.insert_one({"_id": f"seq:{alice}", "value": 1, "numbering": {
+        "id": entry["pending"]["id"], "task": held["_id"], "user": alice, "seq": 1,
+        "event": "task.created", "at": old - secs(1), "envelope": dumps(envelope).decode(),
+        "since": old}})
+
+    reopened = await backend.fresh()
+    stored = await reopened.events_after(alice, 0, 10)
+    assert [(d["seq"], d["envelope"]["data"]["taskId"]) for d in stored] == \
+        [(1, held["_id"]), (2, left["_id"])]
+    assert stored[0]["envelope"] == envelope
+    assert await reopened.task_by_id(left["_id"]) == left  # nothing pending any more
+    assert await reopened.tasks.count_documents({"pending": {"$exists": True}}) == 0
+    assert (await reopened.counters.find_one({"_id": f"seq:{alice}"})) == \
+        {"_id": f"seq:{alice}", "value": 2}
+
+    # While running: the check every WATCH_EVERY_S numbers what is pending for over GRACE_S,
+    # and hands it to the recovered listeners (the task service delivers it).
+    later = task_doc(alice, created=old)
+    await reopened.tasks.insert_one({**later, **pending("task.created", old)})
+    recovered: list[dict] = []
+    reopened.on_recovered(recovered.extend)
+    await reopened.watch()
+    assert [(e["seq"], e["data"]["taskId"]) for e in recovered] == [(3, later["_id"])]
+
+
+@pytest.mark.parametrize("backend", ("mongo-standalone",), indirect=True)
+async def test_without_transactions_a_task_does_not_change_before_its_envelope_is_numbered(
+        backend: Backend) -> None:
+    """The cancel of a task whose last envelope is still pending (its writer died) numbers that
+    envelope first, then cancels: the log has both, in order; a claim leaves such a task to the
+    periodic check rather than change it."""
+    store = await backend.open()
+    alice = new_id()
+    old = utcnow() - secs(30)
+    stuck = task_doc(alice, created=old)
+    await store.tasks.insert_one({**stuck, **pending("task.created", old)})
+    now = utcnow()
+    assert await store.claim_task("w", now, now + secs(30), Change("task.processing", now)) \
+        is None
+    recovered: list[dict] = []
+    store.on_recovered(recovered.extend)
+    cancel = Change("task.cancelled", now)
+    gone = await store.cancel_task(stuck["_id"], alice, now, cancel)
+    assert gone["status"] == "cancelled" and cancel.envelope["seq"] == 2
+    assert [e["event"] for e in recovered] == ["task.created"]  # numbered here: delivered
+    assert [(d["seq"], d["event"]) for d in await store.events_after(alice, 0, 10)] == \
+        [(1, "task.created"), (2, "task.cancelled")]
+
+
+# start-up repair --------------------------------------------------------------------------------
+
+
+async def forget_the_check(backend: Backend, store: Store) -> None:
+    """Make the database look as an older version left it: never checked by this one."""
+    if backend.mongo:
+        await store.meta.delete_one({"_id": "format"})
+    else:
+        await store._run(lambda: store._conn.execute("DELETE FROM meta WHERE key = 'format'"))
+
+
+async def key_of_an_older_version(backend: Backend, store: Store, user_id: str, key: str,
+                                  task_id: str, at: dt.datetime) -> None:
+    if backend.mongo:
+        await store.idempotency.insert_one({"userId": user_id, "key": key, "taskId": task_id,
+                                            "createdAt": at})
+    else:
+        await store._run(lambda: store._conn.execute(
+            "INSERT INTO idempotency (userId, key, taskId, createdAt) VALUES (?, ?, ?, ?)",
+            (user_id, key, task_id, int((at - dt.datetime(1970, 1, 1)).total_seconds() * 1000))))
+
+
+@pytest.mark.parametrize("backend", REOPENED, indirect=True)
+async def test_opening_repairs_what_an_older_version_left_once(backend: Backend, caplog) -> None:
+    caplog.set_level(logging.INFO, "droid.store.repair")
+    store = await backend.open()
+    alice, bob = new_id(), new_id()
+    now = utcnow()
+    # Stored without its task.created (and not due, so that the claim below takes the other).
+    unannounced = task_doc(alice, created=now - secs(30), runAfter=now + secs(3600))
+    await store.insert_task(unannounced)
+    # Created and claimed with their envelopes, then completed without one.
+    ran = task_doc(alice, created=now - secs(20))
+    await store.insert_task(ran, Change("task.created", now - secs(20)))
+    await store.claim_task("w", now - secs(10), now + secs(30),
+                           Change("task.processing", now - secs(10)))
+    completed = await store.update_attempt(ran["_id"], 1, {
+        "status": "completed", "response": "done", "completedAt": now, "updatedAt": now})
+    # Whole, and too old to be looked at (its envelopes would have expired).
+    whole = task_doc(bob, created=now - secs(5))
+    await store.insert_task(whole, Change("task.created", now - secs(5)))
+    ancient = task_doc(bob, created=now - secs(4 * 86400), status="completed")
+    await store.insert_task(ancient)
+    kept = task_doc(bob, created=now - secs(60))
+    await store.insert_task(kept, Change("task.created", now - secs(60)))
+    await key_of_an_older_version(backend, store, alice, "lost", new_id(), now - secs(40))
+    await key_of_an_older_version(backend, store, bob, "kept", kept["_id"], now - secs(60))
+    await forget_the_check(backend, store)
+
+    reopened = await backend.fresh()
+    repaired = [r.getMessage() for r in caplog.records if "repaired" in r.getMessage()]
+    assert len(repaired) == 1, repaired
+    assert ("1 tasks without task.created" in repaired[0]
+            and "1 tasks whose last envelope was not their state" in repaired[0]
+            and "1 Idempotency-Keys naming no task" in repaired[0]), repaired[0]
+    events = await reopened.events_after(alice, 0, 10)
+    assert [(d["seq"], d["event"], d["envelope"]["data"]["taskId"]) for d in events] == [
+        (1, "task.created", ran["_id"]), (2, "task.processing", ran["_id"]),
+        (3, "task.created", unannounced["_id"]), (4, "task.completed", ran["_id"])]
+    assert events[2]["envelope"]["data"] == event_data("task.created", task_json(unannounced))
+    assert events[3]["envelope"]["data"] == event_data("task.completed", task_json(completed))
+    assert await reopened.last_seq(bob) == 2  # nothing written for bob's tasks
+    # The released key creates its task; the kept one still names its task.
+    fresh = task_doc(alice)
+    assert await reopened.insert_task(fresh, key="lost", key_since=now - secs(3600)) == fresh
+    assert await reopened.insert_task(task_doc(bob), key="kept",
+                                      key_since=now - secs(3600)) == kept
+    # Once per database: the next open finds it checked.
+    await reopened.insert_task(task_doc(alice))  # would be repaired, were it checked again
+    caplog.clear()
+    again = await backend.fresh()
+    assert await again.last_seq(alice) == 4
+    assert not [r for r in caplog.records if "repaired" in r.getMessage()]
+
+
+# failures -----------------------------------------------------------------------------------
+
+
+async def test_sqlite_a_full_database_fails_loudly_and_recovers_by_itself(tmp_path,
+                                                                         caplog) -> None:
+    """SQLITE_FULL (here: the connection's page limit) is a StoreFailing, a 503: nothing of the
+    change is stored, the store is failing (once in the log) until a write succeeds again,
+    which its probe finds out without traffic."""
+    caplog.set_level(logging.INFO, "droid.store")
+    store = SqliteStore(str(tmp_path / "droid.sqlite3"))
+    await store.open()
+    try:
+        alice = new_id()
+        await store.insert_task(task_doc(alice), Change("task.created", utcnow()))
+        await store._run(lambda: store._conn.execute(
+            "PRAGMA max_page_count = %d" % store._conn.execute(
+                "PRAGMA page_count").fetchone()[0]))
+        for _ in range(3):
+            doc = task_doc(alice, prompt="x" * 100_000)
+            change = Change("task.created", utcnow())
+            with pytest.raises(StoreFailing) as failed:
+                await store.insert_task(doc, change)
+            assert failed.value.status == 503 and failed.value.retry_after > 0
+            assert change.envelope is None and await store.task_by_id(doc["_id"]) is None
+        assert await store.last_seq(alice) == 1  # reads still answer
+        assert "full" in store.failing and await store.health() == "failing"
+        await store.watch()  # the probe fails too: still failing
+        assert await store.health() == "failing"
+        await store._run(lambda: store._conn.execute("PRAGMA max_page_count = 1073741823"))
+        await store.watch()
+        assert store.failing is None and await store.health() == "ok"
+        doc = task_doc(alice, prompt="x" * 100_000)
+        assert await store.insert_task(doc, Change("task.created", utcnow())) == doc
+        lines = [r.getMessage() for r in caplog.records if r.name == "droid.store.base"]
+        assert len(lines) == 2 and "writes fail (database or disk is full)" in lines[0]
+        assert str(tmp_path / "droid.sqlite3") in lines[0]
+        assert lines[1].endswith("writes succeed again")
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_sqlite_a_file_deleted_or_replaced_under_the_store_is_never_written_into(
+        tmp_path, caplog, how: str) -> None:
+    path = tmp_path / "droid.sqlite3"
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        alice = new_id()
+        await store.insert_task(task_doc(alice), Change("task.created", utcnow()))
+        os.remove(path)
+        if how == "replaced":
+            path.write_bytes(b"")  # another file at the path (a restore, a copy)
+        await store.watch()  # what the store does every WATCH_EVERY_S
+        assert store.failing == f"the file was {how}" and await store.health() == "failing"
+        with pytest.raises(StoreFailing):
+            await store.insert_task(task_doc(alice), Change("task.created", utcnow()))
+        with pytest.raises(StoreFailing):
+            await store.last_seq(alice)
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and str(path) in errors[0].getMessage()
+        assert f"was {how}" in errors[0].getMessage()
+    finally:
+        await store.close()
 
 
 # API keys, webhook endpoints and deliveries (issue 23) -------------------------------------

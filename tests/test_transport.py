@@ -20,7 +20,7 @@ import uuid
 import pytest
 import websockets
 
-from conftest import wait_until
+from conftest import publish_event, wait_until
 from droid.realtime import wire as droid_wire
 from droid.realtime.eager import run_eager
 from droid.realtime.engine import TransportServer
@@ -104,7 +104,7 @@ async def test_python_client_over_the_transport(droid, listen, transports):
     ack = await client.client.call("ping", {"message": "hi"}, namespace="/events", timeout=5)
     assert ack is None or isinstance(ack, (dict, list))
     await client.next("pong", where=lambda d: d["message"] == "hi")
-    await droid.events.publish(user, "task.created", {"taskId": "t1"})
+    await publish_event(droid, user, "task.created", {"taskId": "t1"})
     event = await client.next("task.created")
     assert event["data"]["taskId"] == "t1"
     assert transport.buffered() == 0
@@ -122,7 +122,7 @@ async def test_javascript_client_over_the_transport(droid, js, transports):  # n
     await served_by_transport(droid, sid)
     assert not engineio_tasks()
     assert await sock.call("ping", {"message": "js"})
-    await droid.events.publish(user, "task.created", {"taskId": "t2"})
+    await publish_event(droid, user, "task.created", {"taskId": "t2"})
     event = await sock.next("task.created")
     assert event["data"]["taskId"] == "t2"
 

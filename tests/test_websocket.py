@@ -12,6 +12,7 @@ import uuid
 import pytest
 import websockets
 
+from conftest import publish_event
 from test_events import mint
 
 pytestmark = pytest.mark.asyncio
@@ -158,7 +159,7 @@ async def test_deflate_without_context_takeover_when_compression_is_on(droid_fac
         while "connected" not in await ws.recv():
             pass
         pad = "x" * 50_000  # compresses well: the frames on the wire are small
-        await droid.events.publish(user, "task.created", {"taskId": "t", "pad": pad})
+        await publish_event(droid, user, "task.created", {"taskId": "t", "pad": pad})
         while True:
             message = await asyncio.wait_for(ws.recv(), 5)
             if message.startswith('42/events,["task.created"'):

@@ -343,11 +343,10 @@ async def test_slow_event_publishing_loses_no_end_of_attempt(droid_factory, sess
     real = app.tasks.publisher
 
     class SlowPublisher:
-        async def publish(self, user_id: str, event: str, data: dict, *,
-                          durable: bool = True) -> None:
-            if event in ("task.pending", "task.completed"):
-                await asyncio.sleep(0.3)  # a slow event store: a whole lease period
-            await real.publish(user_id, event, data, durable=durable)
+        async def publish(self, user_id: str, envelope: dict) -> None:
+            if envelope["event"] in ("task.pending", "task.completed"):
+                await asyncio.sleep(0.3)  # a slow fan-out: a whole lease period
+            await real.publish(user_id, envelope)
 
     app.tasks.publisher = SlowPublisher()
     fake.script("error500")
@@ -365,11 +364,10 @@ async def test_a_failing_progress_publish_does_not_fail_the_attempt(droid_factor
     real = app.tasks.publisher
 
     class FlakyPublisher:
-        async def publish(self, user_id: str, event: str, data: dict, *,
-                          durable: bool = True) -> None:
-            if event == "task.progress":
+        async def publish(self, user_id: str, envelope: dict) -> None:
+            if envelope["event"] == "task.progress":
                 raise ConnectionError("event bus down")
-            await real.publish(user_id, event, data, durable=durable)
+            await real.publish(user_id, envelope)
 
     app.tasks.publisher = FlakyPublisher()
     task = await s.create()

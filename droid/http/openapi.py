@@ -16,6 +16,11 @@ _MODELS: list[type[BaseModel]] = [s.RegisterBody, s.LoginBody, s.AgentBody, s.Ta
                                   s.Delivery, s.DeliveryPage, s.WebhookPayload]
 _ERR = {"description": "Error", "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/ErrorReply"}}}}
+# Every route that reads or writes the database: nothing of the request is stored.
+_UNAVAILABLE = {**_ERR, "description": "The database cannot serve this now (a full disk, a "
+                                       "read-only or locked database, a database gone); nothing "
+                                       "was stored. Retry after `Retry-After` seconds",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
 
 
 def _ref(model: type[BaseModel] | None, array: bool = False) -> dict:
@@ -44,6 +49,7 @@ def _op(summary: str, ok: int, reply: type[BaseModel] | None, *, body: type[Base
     codes = set(errors) | ({401} if auth else set()) | ({400, 413} if body else set())
     for code in sorted(codes):
         op["responses"][str(code)] = _ERR
+    op["responses"].setdefault("503", _UNAVAILABLE)
     if body is not None:
         op["requestBody"] = {"required": True, **_ref(body)}
     if auth:
@@ -163,7 +169,9 @@ def build_openapi(version: str) -> dict:
                                                        "schema": {"type": "string"}}}},
                                            "401": _ERR, "403": _ERR}}},
         "/health": {"get": _op("Liveness and dependencies", 200, s.Health, auth=False,
-                               extra={"503": {"description": "A dependency is down",
+                               extra={"503": {"description": "A dependency is down (`db`: "
+                                                             "`down`, or `failing` while the "
+                                                             "database refuses writes)",
                                               **_ref(s.Health)}})},
     }
     return {

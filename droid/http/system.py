@@ -19,8 +19,11 @@ from .base import ApiHandler
 
 class HealthHandler(ApiHandler):
     async def get(self) -> None:
-        db_ok = await self.store.ping()
-        body = {"status": "ok" if db_ok else "error", "db": "ok" if db_ok else "down",
+        # "down": the database does not answer; "failing": it answers but refuses writes (disk
+        # full, read-only, locked, its file replaced): until they succeed again.
+        db = await self.store.health()
+        db_ok = db == "ok"
+        body = {"status": "ok" if db_ok else "error", "db": db,
                 "version": self.settings["version"], "instance": self.config.instance_id,
                 "worker": self.config.worker_concurrency > 0,
                 "llm": "openai-compatible" if self.config.llm_base_url else "demo"}

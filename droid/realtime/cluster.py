@@ -101,9 +101,11 @@ class RedisManager(IndexedRedisManagerBase):
         self.publish_retry_s = publish_retry_s
         self.reconnect_max_s = reconnect_max_s
         self.keepalive_s = keepalive_s
-        self.publishing = Outage("publishing events", "events reach this process's sockets only", logger=log)
-        self.listening = Outage("receiving events",
-                                 "this process's sockets miss the other processes' events", logger=log)
+        self.publishing = Outage.of("Redis", "publishing events",
+                                    "events reach this process's sockets only", logger=log)
+        self.listening = Outage.of("Redis", "receiving events",
+                                   "this process's sockets miss the other processes' events",
+                                   logger=log)
         self.publish_failures = 0  # attempts that failed (at most one a second while Redis is away)
         self._retry_at = 0.0
         self._closed = False

@@ -15,7 +15,7 @@ from ..apikeys import ApiKeys
 from ..auth import Tokens
 from ..config import MAX_BACKLOG, Config
 from ..store import Store
-from ..tasks.publisher import EventsService
+from ..tasks.service import EventsService
 from ..util import OrjsonModule
 from ..web import Origins
 from .delivery import Delivery

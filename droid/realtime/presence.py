@@ -176,8 +176,8 @@ class RedisPresence(LocalPresence):
         self._prefix = f"{prefix}:presence:"
         self._hash = self._prefix + instance_id
         self._lock = asyncio.Lock()
-        self._outage = Outage("connection counts", "counting this process's sockets only",
-                              logger=log)
+        self._outage = Outage.of("Redis", "connection counts",
+                                 "counting this process's sockets only", logger=log)
         self._registered_once = False
         self._stopped = True
         self._task: asyncio.Task | None = None

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import (ACTIVE, FINAL, IDEMPOTENCY_TTL_S, PRIORITY_RANK, STATUSES, Store,
-                   StoreUnavailable)
+from .base import (ACTIVE, FINAL, IDEMPOTENCY_TTL_S, PRIORITY_RANK, STATUSES, Change, Store,
+                   StoreFailing, StoreUnavailable)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -26,5 +26,5 @@ def store_from_config(config: "Config") -> Store:
     return SqliteStore(config.sqlite_path, event_retention_s=config.event_retention_s)
 
 
-__all__ = ["ACTIVE", "FINAL", "IDEMPOTENCY_TTL_S", "PRIORITY_RANK", "STATUSES", "Store",
-           "StoreUnavailable", "store_from_config"]
+__all__ = ["ACTIVE", "FINAL", "IDEMPOTENCY_TTL_S", "PRIORITY_RANK", "STATUSES", "Change", "Store",
+           "StoreFailing", "StoreUnavailable", "store_from_config"]

@@ -8,22 +8,70 @@ fields); dates are naive UTC datetimes with millisecond precision (`util.utcnow(
 Task documents hold: _id, userId, agentId, status, priority, priorityRank, prompt, response,
 error, tokensUsed, executionTimeMs, retryCount, metadataJson, createdAt, updatedAt, startedAt,
 completedAt, runAfter, attempt, leaseOwner, leaseExpiresAt.
+
+Nothing lost (issue 19): a change of a task's state and its envelope are one atomic write (the
+intent methods that change a task take a `Change` and number and store its envelope with the
+change); a write the database cannot make raises `StoreFailing` (a 503 with Retry-After), the
+store reports it in `health()` until writes succeed again, and logs it once each way; and
+`open()` repairs what an older version or a crash left (droid/store/repair.py says how).
 """
 from __future__ import annotations
 
 import abc
+import asyncio
 import datetime as dt
+import logging
+from typing import Callable
+
+from ..errors import Unavailable
+from ..outage import Outage
 
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
 ACTIVE = ("pending", "processing")
 FINAL = ("completed", "failed", "cancelled")
 STATUSES = ACTIVE + FINAL
 IDEMPOTENCY_TTL_S = 24 * 3600
+RETRY_AFTER_S = 5
+# How often a store looks at its database while running: a SQLite file replaced or deleted, and
+# whether failing writes succeed again (so that /health recovers without traffic).
+WATCH_EVERY_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(Exception):
     """The database cannot be opened (unreachable, refused, not a database): start-up says why
     in one line."""
+
+
+class StoreFailing(Unavailable):
+    """The database cannot do what was asked now (disk full, read-only, locked beyond its
+    timeout, gone, or its file replaced): a 503 in the error shape with Retry-After, so that a
+    client is never told 201 for what was not stored, and never gets a bare 500."""
+
+    retry_after = RETRY_AFTER_S
+
+    def __init__(self, message: str = "The database cannot store or read this now; "
+                                       "try again later") -> None:
+        super().__init__(message)
+
+
+class Change:
+    """A change of a task's state, and the envelope it is recorded with in the same write.
+
+    Given to the intent methods that change a task: the store builds the envelope of `event`
+    from the task as it is after the change (droid/store/envelopes.py; `at` is its timestamp and when
+    it was stored), numbers it with the user's next `seq` and stores it atomically with the
+    change. Afterwards `envelope` is the numbered envelope as stored, to be delivered; None when
+    the store changed nothing (and stored nothing).
+    """
+
+    __slots__ = ("event", "at", "envelope")
+
+    def __init__(self, event: str, at: dt.datetime) -> None:
+        self.event = event
+        self.at = at
+        self.envelope: dict | None = None
 
 
 class Store(abc.ABC):
@@ -39,12 +87,77 @@ class Store(abc.ABC):
                  idempotency_ttl_s: int = IDEMPOTENCY_TTL_S) -> None:
         self.event_retention_s = event_retention_s
         self.idempotency_ttl_s = idempotency_ttl_s
+        self._writes: Outage | None = None
+        self._recovered_listeners: list[Callable[[list[dict]], None]] = []
+
+    # health ----------------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """The database in a log line (never its credentials)."""
+        return self.kind
+
+    @property
+    def writes(self) -> Outage:
+        """Whether writes fail now, logged once when they start failing and once when they
+        succeed again."""
+        if self._writes is None:
+            where = self.describe()
+            self._writes = Outage(where.replace("%", "%%") + ": writes fail (%s); "
+                                  "answering 503 with Retry-After until they succeed again",
+                                  f"{where}: writes succeed again", logger=log)
+        return self._writes
+
+    @property
+    def failing(self) -> str | None:
+        """Why the database refuses writes now; None while they succeed."""
+        writes = self._writes
+        return writes.reason if writes is not None and writes.down else None
+
+    async def health(self) -> str:
+        """`ok`; `failing` while writes fail (or the file was replaced); `down` when the
+        database does not answer at all."""
+        if not await self.ping():
+            return "down"
+        return "failing" if self.failing is not None else "ok"
+
+    async def probe(self) -> None:
+        """A small real write (raises StoreFailing when it fails): how a failing store sees
+        that writes succeed again without waiting for traffic."""
+
+    async def watch(self) -> None:
+        """Every WATCH_EVERY_S while open: while writes fail, probe whether they succeed again.
+        Stores add their own checks."""
+        if self.failing is not None:
+            try:
+                await self.probe()
+            except StoreFailing:
+                pass
+
+    async def _watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            try:
+                await self.watch()
+            except Exception:
+                log.warning("%s: the periodic check failed; will try again", self.describe(),
+                            exc_info=True)
+
+    def on_recovered(self, listener: Callable[[list[dict]], None]) -> None:
+        """Call `listener(envelopes)` with the envelopes the store numbered on its own, after a
+        write that left them pending (MongoDB without transactions): they are delivered then."""
+        self._recovered_listeners.append(listener)
+
+    def _recovered(self, envelopes: list[dict]) -> None:
+        if envelopes:
+            for listener in self._recovered_listeners:
+                listener(envelopes)
 
     # lifecycle -------------------------------------------------------------------------------
 
     @abc.abstractmethod
     async def open(self) -> None:
-        """Connect, create tables/collections and indexes; idempotent."""
+        """Connect, create tables/collections and indexes, and repair what an older version or
+        a crash left (droid/store/repair.py); idempotent."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -85,7 +198,15 @@ class Store(abc.ABC):
     # tasks -----------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def insert_task(self, doc: dict) -> None: ...
+    async def insert_task(self, doc: dict, change: Change | None = None, *,
+                          key: str | None = None, key_since: dt.datetime | None = None) -> dict:
+        """Store a new task with the envelope of `change` (task.created), atomically; the task
+        stored (`doc`).
+
+        With `key` (an Idempotency-Key of the task's user), the key is claimed in the same
+        write: when it already names a task of the user, claimed at or after `key_since`, that
+        task is returned instead and nothing is stored. A key claimed before `key_since`, or
+        naming a task that does not exist (left by an older version's crash), is taken over."""
 
     @abc.abstractmethod
     async def task_by_id(self, task_id: str, user_id: str | None = None) -> dict | None:
@@ -98,26 +219,30 @@ class Store(abc.ABC):
         (createdAt, _id) position `after`, at most `limit`."""
 
     @abc.abstractmethod
-    async def claim_task(self, owner: str, now: dt.datetime,
-                         lease_until: dt.datetime) -> dict | None:
+    async def claim_task(self, owner: str, now: dt.datetime, lease_until: dt.datetime,
+                         change: Change | None = None) -> dict | None:
         """Atomically take the most urgent (priorityRank desc), oldest (createdAt asc) pending
         task whose runAfter <= now: status processing, startedAt = updatedAt = now, leaseOwner,
-        leaseExpiresAt = lease_until, attempt + 1. The updated task, or None when none is due.
-        Concurrent callers, in any process, never get the same attempt."""
+        leaseExpiresAt = lease_until, attempt + 1, with the envelope of `change`. The updated
+        task, or None when none is due. Concurrent callers, in any process, never get the same
+        attempt."""
 
     @abc.abstractmethod
-    async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime) -> dict | None:
+    async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime,
+                          change: Change | None = None) -> dict | None:
         """Cancel the user's task when pending or processing (completedAt = updatedAt = now, lease
-        cleared); the updated task, or None when it is not the user's or already finished."""
+        cleared), with the envelope of `change`; the updated task, or None when it is not the
+        user's or already finished."""
 
     @abc.abstractmethod
     async def update_attempt(self, task_id: str, attempt: int, fields: dict, *,
-                             count_retry: bool = False) -> dict | None:
+                             count_retry: bool = False,
+                             change: Change | None = None) -> dict | None:
         """Set `fields` on the task if attempt `attempt` is still its current one (status
-        processing, same attempt number); with `count_retry`, retryCount + 1 as well.
-        The updated task, or None when the attempt is no longer current (a stale attempt never
-        overwrites a newer one, a cancel, or an end already recorded). With nothing to set, the
-        task as it is, under the same condition."""
+        processing, same attempt number); with `count_retry`, retryCount + 1 as well; with the
+        envelope of `change`. The updated task, or None when the attempt is no longer current (a
+        stale attempt never overwrites a newer one, a cancel, or an end already recorded). With
+        nothing to set (and no change), the task as it is, under the same condition."""
 
     @abc.abstractmethod
     async def renew_lease(self, task_id: str, attempt: int, owner: str,
@@ -153,9 +278,10 @@ class Store(abc.ABC):
 
     async def append_event(self, user_id: str, event: str, envelope: dict,
                            created_at: dt.datetime) -> int:
-        """Number the user's next envelope and store it: sets `envelope["seq"]` to next_seq's
-        number, stores it as insert_event does, and returns the number. This default takes the
-        two steps; a store that can take both at once (one transaction, one call) overrides it."""
+        """Number the user's next envelope and store it, with no change of a task: sets
+        `envelope["seq"]` to next_seq's number, stores it as insert_event does, and returns the
+        number (tests and tools; a task's changes record theirs through `Change`). This default
+        takes the two steps; a store that can take both at once overrides it."""
         seq = await self.next_seq(user_id)
         envelope["seq"] = seq
         await self.insert_event({"userId": user_id, "seq": seq, "event": event,
@@ -173,15 +299,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_events(self, user_id: str, up_to_seq: int | None = None) -> int:
         """Forget the user's events with seq <= up_to_seq (all when None); how many."""
-
-    # idempotency -----------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def claim_key(self, user_id: str, key: str, task_id: str, now: dt.datetime,
-                        since: dt.datetime) -> str:
-        """Record that `key` of the user names `task_id`, atomically: returns `task_id` when the
-        key was free (or last used before `since`, then it is taken over), else the task id
-        recorded by the request that used it first."""
 
     # API keys (droid/apikeys.py) -------------------------------------------------------------
     # {_id, userId, name, prefix, scope, keyHash, createdAt, lastUsedAt}; only a hash of the key.

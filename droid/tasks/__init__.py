@@ -1,6 +1,7 @@
-"""Tasks: the state machine (service.py: every change of a task's state, each one published),
-the publisher of their envelopes (publisher.py), the worker that runs attempts (worker.py), the
-agents (agents.py) and the LLM providers (llm.py).
+"""Tasks: the state machine and the delivery of each change's envelope (service.py: TaskService,
+every change of a task's state; EventsService, the publisher), whether the log reaches back to a
+resume point (history.py), the worker that runs attempts (worker.py), the agents (agents.py) and
+the LLM providers (llm.py).
 
 May import droid.store, droid.errors, droid.util, droid.config; never droid.http or
 droid.realtime (they subscribe to the publisher instead).

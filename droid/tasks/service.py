@@ -1,72 +1,51 @@
-"""The task state machine: every change of a task's state happens here, and is published here.
+"""The task state machine (TaskService): every change of a task's state happens here; and the
+delivery of each change's envelope (EventsService).
 
 pending -> processing -> completed | failed;  pending | processing -> cancelled;
 processing -> pending (a failed attempt with retries left, a lost lease, or a shutdown).
+
+Each change is one atomic write of the store, with its envelope (`Change`): the task's new state
+and its numbered envelope are stored together or not at all. Only once that write has
+committed is the envelope handed to the publisher, EventsService, which only delivers: to this
+process's listeners (the real-time Delivery of /events sockets), the SSE streams watching the
+user, and the other processes through the relay (Redis). It knows nothing of Socket.IO or HTTP:
+the layers above subscribe. Those that work from the stored log instead (webhooks) only hear
+that an envelope was stored here (`listen_stored`).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import collections
 import datetime as dt
 import logging
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from ..errors import Conflict, Invalid, NotFound
-from ..store import PRIORITY_RANK, Store
-from ..util import dumps, iso, loads, new_id, now_iso, utcnow
+from ..store import PRIORITY_RANK, Change, Store
+from ..store.envelopes import task_json
+from ..util import dumps, loads, new_id, now_iso, utcnow
 
 log = logging.getLogger(__name__)
+# The publisher's lines carry the name `EventsService` (docs/contract.md).
+events_log = logging.getLogger("droid.EventsService")
 
-TASK_FIELDS = ("id", "userId", "agentId", "status", "priority", "prompt", "response", "error",
-               "tokensUsed", "executionTimeMs", "retryCount", "metadata", "createdAt",
-               "updatedAt", "startedAt", "completedAt")
-_DATES = ("createdAt", "updatedAt", "startedAt", "completedAt")
-_BASE = ("taskId", "userId", "agentId", "status")
-EVENT_FIELDS = {
-    "task.processing": _BASE + ("retryCount", "startedAt", "updatedAt"),
-    "task.completed": _BASE + ("response", "tokensUsed", "executionTimeMs", "completedAt",
-                               "updatedAt"),
-    "task.failed": _BASE + ("error", "retryCount", "completedAt", "updatedAt"),
-    "task.cancelled": _BASE + ("completedAt", "updatedAt"),
-    # An addition to the contract: a task went back to `pending` (a retry, a lost worker, or a
-    # shutdown), so that every state change is seen live.
-    "task.pending": _BASE + ("error", "retryCount", "updatedAt"),
-}
 IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
 LOST_WORKER = "The worker running this task stopped responding"
 
 
 class Publisher(Protocol):
-    async def publish(self, user_id: str, event: str, data: dict, *, durable: bool = True) -> None:
-        """Deliver one event of a user's task (to storage and to live sockets)."""
+    async def publish(self, user_id: str, envelope: dict) -> None:
+        """Deliver an envelope of a user's task to the owner's live sockets: one stored already
+        (numbered), or a live-only one (`seq` None)."""
 
 
 class LogPublisher:
     """The publisher used when nothing else is plugged in: it only logs."""
 
-    async def publish(self, user_id: str, event: str, data: dict, *, durable: bool = True) -> None:
-        log.debug("%s for user %s", event, user_id)
-
-
-def task_json(doc: dict) -> dict:
-    """The public form of a stored task (the contract's field list, ISO dates)."""
-    out = {f: doc.get(f) for f in TASK_FIELDS}
-    out["id"] = doc["_id"]
-    for f in _DATES:
-        out[f] = iso(doc.get(f))
-    out["retryCount"] = doc.get("retryCount", 0)
-    # Stored as JSON text: user keys may hold anything ('$', '.', NUL) that BSON field names may not.
-    raw = doc.get("metadataJson")
-    out["metadata"] = loads(raw) if raw is not None else None
-    return out
-
-
-def event_data(event: str, task: dict) -> dict:
-    if event == "task.created":
-        return {**task, "taskId": task["id"]}
-    full = {**task, "taskId": task["id"]}
-    return {k: full.get(k) for k in EVENT_FIELDS[event]}
+    async def publish(self, user_id: str, envelope: dict) -> None:
+        log.debug("%s seq=%s for user %s", envelope["event"], envelope["seq"], user_id)
 
 
 def encode_cursor(doc: dict) -> str:
@@ -94,11 +73,13 @@ class TaskService:
                  retry_backoff_s: float = 1.0) -> None:
         self.store = store
         self.publisher: Publisher = publisher or LogPublisher()
+        store.on_recovered(self._deliver_recovered)
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self._created_listeners: list[Callable[[], None]] = []
         self._cancel_listeners: list[Callable[[str], None]] = []
         self._requeue_listeners: list[Callable[[float], None]] = []
+        self._delivering: set[asyncio.Task] = set()
 
     def on_created(self, listener: Callable[[], None]) -> None:
         """Call `listener()` after a task is created here (a worker wakes up)."""
@@ -145,10 +126,6 @@ class TaskService:
         """
         now = utcnow()
         task_id = new_id()
-        if idempotency_key is not None:
-            first = await self._claim_key(user_id, idempotency_key, task_id, now)
-            if first != task_id:
-                return await self._await_task(user_id, first), False
         doc = {"_id": task_id, "userId": user_id, "agentId": agent_id, "status": "pending",
                "priority": priority, "priorityRank": PRIORITY_RANK[priority], "prompt": prompt,
                "response": None, "error": None, "tokensUsed": None, "executionTimeMs": None,
@@ -156,30 +133,24 @@ class TaskService:
                "metadataJson": dumps(metadata).decode() if metadata is not None else None,
                "startedAt": None, "completedAt": None, "runAfter": now, "attempt": 0,
                "leaseOwner": None, "leaseExpiresAt": None}
-        await self.store.insert_task(doc)
-        task = task_json(doc)
-        await self._publish(user_id, "task.created", task)
+        change = Change("task.created", now)
+        # The key is claimed in the same write as the task it names: a key never outlives a
+        # task that was not stored, and a second request with it gets the first task.
+        stored = await self.store.insert_task(doc, change, key=idempotency_key,
+                                              key_since=now - IDEMPOTENCY_WINDOW)
+        if stored["_id"] != task_id:
+            return task_json(stored), False
+        await self._publish(user_id, change)
         for listener in self._created_listeners:
             listener()
-        return task, True
-
-    async def _claim_key(self, user_id: str, key: str, task_id: str, now: dt.datetime) -> str:
-        return await self.store.claim_key(user_id, key, task_id, now, now - IDEMPOTENCY_WINDOW)
-
-    async def _await_task(self, user_id: str, task_id: str) -> dict:
-        # A concurrent request with the same key may have reserved it a moment before inserting.
-        for _ in range(50):
-            doc = await self.store.task_by_id(task_id, user_id)
-            if doc is not None:
-                return task_json(doc)
-            await asyncio.sleep(0.02)
-        raise Conflict("A request with this Idempotency-Key is still being processed")
+        return task_json(doc), True
 
     async def cancel(self, user_id: str, task_id: str) -> dict:
         """Cancel a pending or processing task; 404 when not the caller's, 409 when finished."""
         now = utcnow()
-        doc = await self._transition(self.store.cancel_task(task_id, user_id, now),
-                                     "task.cancelled")
+        change = Change("task.cancelled", now)
+        doc = await self._transition(self.store.cancel_task(task_id, user_id, now, change),
+                                     change)
         if doc is None:
             existing = await self.store.task_by_id(task_id, user_id)
             if existing is None:
@@ -195,8 +166,9 @@ class TaskService:
         """Take the most urgent pending task that is due, under a lease; None when none is."""
         now = utcnow()
         lease_until = now + dt.timedelta(seconds=lease_s)
-        return await self._transition(self.store.claim_task(owner, now, lease_until),
-                                      "task.processing")
+        change = Change("task.processing", now)
+        return await self._transition(self.store.claim_task(owner, now, lease_until, change),
+                                      change)
 
     async def renew(self, doc: dict, owner: str, lease_s: float) -> bool:
         """Extend the lease of a running attempt; False when the attempt is no longer ours."""
@@ -205,10 +177,12 @@ class TaskService:
 
     async def progress(self, doc: dict, delta: str) -> None:
         """Publish a piece of a running attempt's answer (live only, not a change of state)."""
+        now = now_iso()
         data = {"taskId": doc["_id"], "userId": doc["userId"], "agentId": doc["agentId"],
-                "delta": delta, "updatedAt": now_iso()}
+                "delta": delta, "updatedAt": now}
+        envelope = {"event": "task.progress", "data": data, "timestamp": now, "seq": None}
         try:
-            await self.publisher.publish(doc["userId"], "task.progress", data, durable=False)
+            await self.publisher.publish(doc["userId"], envelope)
         except Exception:  # a lost piece of progress must not fail the attempt
             log.warning("publishing task.progress for task %s failed", doc["_id"], exc_info=True)
 
@@ -216,7 +190,7 @@ class TaskService:
                        execution_time_ms: int) -> bool:
         now = utcnow()
         return await self._end_attempt(
-            doc, "task.completed",
+            doc, Change("task.completed", now),
             {"status": "completed", "response": response, "tokensUsed": tokens_used,
              "executionTimeMs": execution_time_ms, "error": None, "completedAt": now,
              "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None}) is not None
@@ -233,7 +207,7 @@ class TaskService:
         if retryable and retries < self.max_retries:
             delay = self.retry_delay(retries)
             updated = await self._end_attempt(
-                doc, "task.pending",
+                doc, Change("task.pending", now),
                 {"status": "pending", "error": error, "updatedAt": now,
                  "runAfter": now + dt.timedelta(seconds=delay), "leaseOwner": None,
                  "leaseExpiresAt": None, "executionTimeMs": execution_time_ms},
@@ -243,7 +217,7 @@ class TaskService:
             self._requeued(delay)
             return "pending"
         updated = await self._end_attempt(
-            doc, "task.failed",
+            doc, Change("task.failed", now),
             {"status": "failed", "error": error, "completedAt": now, "updatedAt": now,
              "leaseOwner": None, "leaseExpiresAt": None, "executionTimeMs": execution_time_ms})
         return "failed" if updated is not None else None
@@ -252,7 +226,7 @@ class TaskService:
         """Give an interrupted attempt back (shutdown): pending again, no retry used."""
         now = utcnow()
         updated = await self._end_attempt(
-            doc, "task.pending",
+            doc, Change("task.pending", now),
             {"status": "pending", "updatedAt": now, "runAfter": now, "leaseOwner": None,
              "leaseExpiresAt": None})
         if updated is None:
@@ -283,26 +257,155 @@ class TaskService:
 
     # the one place a state changes -----------------------------------------------------------
 
-    def _end_attempt(self, doc: dict, event: str, fields: dict, *,
+    def _end_attempt(self, doc: dict, change: Change, fields: dict, *,
                      count_retry: bool = False) -> Awaitable[dict | None]:
         """Move attempt `doc` on, if it is still the task's current one."""
         return self._transition(
-            self.store.update_attempt(doc["_id"], doc["attempt"], fields, count_retry=count_retry),
-            event)
+            self.store.update_attempt(doc["_id"], doc["attempt"], fields,
+                                      count_retry=count_retry, change=change), change)
 
-    async def _transition(self, change: Awaitable[dict | None], event: str) -> dict | None:
-        """Apply one atomic change of state in the store, then publish what it became."""
-        doc = await change
+    async def _transition(self, write: Awaitable[dict | None], change: Change) -> dict | None:
+        """Apply one atomic change of state in the store (its envelope stored with it), then
+        deliver the envelope."""
+        doc = await write
         if doc is not None:
-            await self._publish(doc["userId"], event, task_json(doc))
+            await self._publish(doc["userId"], change)
         return doc
 
     def _requeued(self, delay_s: float) -> None:
         for listener in self._requeue_listeners:
             listener(delay_s)
 
-    async def _publish(self, user_id: str, event: str, task: dict) -> None:
+    async def _publish(self, user_id: str, change: Change) -> None:
+        envelope = change.envelope
+        if envelope is None:  # numbered by another (MongoDB without transactions): it delivers
+            return
         try:
-            await self.publisher.publish(user_id, event, event_data(event, task))
-        except Exception:  # the state is stored; a lost notification must not undo it
-            log.exception("publishing %s for task %s failed", event, task["id"])
+            await self.publisher.publish(user_id, envelope)
+        except Exception:  # stored with the state: a client resuming gets it all the same
+            log.exception("delivering %s seq=%s of user %s failed", envelope["event"],
+                          envelope["seq"], user_id)
+
+    def _deliver_recovered(self, envelopes: list[dict]) -> None:
+        """Envelopes the store numbered on its own (pending after a failed write): delivered
+        now, in a task of their own (the store calls this from its periodic check)."""
+        async def deliver() -> None:
+            for envelope in envelopes:
+                user_id = envelope["data"].get("userId")
+                if user_id is not None:
+                    try:
+                        await self.publisher.publish(user_id, envelope)
+                    except Exception:
+                        log.exception("delivering recovered %s seq=%s failed",
+                                      envelope["event"], envelope["seq"])
+
+        task = asyncio.get_running_loop().create_task(deliver())
+        self._delivering.add(task)
+        task.add_done_callback(self._delivering.discard)
+
+
+# delivery ------------------------------------------------------------------------------------
+
+Listener = Callable[[str, str, dict], None]
+StoredListener = Callable[[str, str, int], None]
+
+
+class Relay(Protocol):
+    """Carries envelopes to the other processes (droid.realtime.cluster.RedisManager)."""
+
+    async def publish_envelope(self, user_id: str, event: str, envelope: dict) -> None: ...
+
+
+class EventsService:
+    """The publisher: delivers task envelopes, stored already (numbered by the store in the
+    write of their change) or live-only (`seq` None), to this process's listeners and SSE
+    streams and, through the relay, to the other processes."""
+
+    def __init__(self, metrics: Any = None, relay: Relay | None = None) -> None:
+        self.metrics = metrics
+        self.relay = relay  # its envelopes come back through `receive` in every other process
+        self._listeners: list[Listener] = []
+        self._stored_listeners: list[StoredListener] = []
+        self._watchers: dict[str, set[StreamWatch]] = {}
+        self._emitted: dict[str, Any] = {}  # events_emitted's child counter by event name
+
+    def listen(self, listener: Listener) -> None:
+        """Call `listener(user_id, event, envelope)` with every envelope of this process's users,
+        published here or received from another process (the real-time Delivery does)."""
+        self._listeners.append(listener)
+
+    def listen_stored(self, listener: StoredListener) -> None:
+        """Call `listener(user_id, event, seq)` for every envelope this process stored (the
+        webhook dispatcher: a wake-up only; it reads what to deliver from the stored log)."""
+        self._stored_listeners.append(listener)
+
+    def watch(self, user_id: str) -> "StreamWatch":
+        """Set whenever an envelope of the user is published, holding the live-only ones
+        (`task.progress`, not stored) until the SSE stream takes them."""
+        wakeup = StreamWatch()
+        self._watchers.setdefault(user_id, set()).add(wakeup)
+        return wakeup
+
+    def unwatch(self, user_id: str, wakeup: asyncio.Event) -> None:
+        watchers = self._watchers.get(user_id)
+        if watchers is not None:
+            watchers.discard(wakeup)  # type: ignore[arg-type]
+            if not watchers:
+                del self._watchers[user_id]
+
+    async def publish(self, user_id: str, envelope: dict) -> None:
+        """Deliver an envelope of the user: one this process stored (numbered), or a live-only
+        one (`seq` None). Envelopes stored one after the other reach it in seq order when their
+        writes answer in that order (the SQLite store's one thread); otherwise each socket
+        holds an early one until the one before it arrives (droid/realtime/delivery.py)."""
+        event = envelope["event"]
+        if envelope["seq"] is not None:
+            for stored in self._stored_listeners:
+                stored(user_id, event, envelope["seq"])
+        self.receive(user_id, event, envelope)
+        if self.relay is not None:
+            await self.relay.publish_envelope(user_id, event, envelope)
+        else:
+            # Listeners write without waiting; let the loop serve sockets between two publishes
+            # even when the store answers without waiting either.
+            await asyncio.sleep(0)
+        if self.metrics is not None:
+            counter = self._emitted.get(event)
+            if counter is None:  # labels() takes a lock and builds a key: once per event name
+                counter = self._emitted[event] = self.metrics.events_emitted.labels(event=event)
+            counter.inc()
+
+    async def publish_live(self, user_id: str, event: str, data: dict) -> None:
+        """Deliver an envelope that is not stored (`seq` None): as `task.progress` is."""
+        await self.publish(user_id, {"event": event, "data": data, "timestamp": now_iso(),
+                                     "seq": None})
+
+    def receive(self, user_id: str, event: str, envelope: dict) -> None:
+        """An envelope published here or, through the relay, by another process."""
+        for listener in self._listeners:
+            listener(user_id, event, envelope)
+        live = envelope["seq"] is None
+        for wakeup in self._watchers.get(user_id, ()):
+            if live:
+                wakeup.live.append(envelope)
+            wakeup.set()
+        events_log.debug("delivered %s seq=%s of user %s", event, envelope["seq"], user_id)
+
+
+class StreamWatch(asyncio.Event):
+    """An SSE stream's wake-up, with the live-only envelopes published since it last looked.
+
+    Bounded: a stream that does not keep up loses the oldest pieces of progress (the finished
+    task carries the whole answer), never a stored envelope, which it reads from the store.
+    """
+
+    LIVE_MAX = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: collections.deque[dict] = collections.deque(maxlen=self.LIVE_MAX)
+
+    def take_live(self) -> list[dict]:
+        items = list(self.live)
+        self.live.clear()
+        return items

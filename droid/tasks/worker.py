@@ -21,6 +21,7 @@ import logging
 import time
 from typing import Any
 
+from ..store import StoreFailing
 from .agents import AgentService
 from .llm import AgentError
 from .service import TaskService
@@ -120,9 +121,13 @@ class Worker:
                 if self._db_failing:
                     log.info("worker %s: database reachable again", self.owner)
                     self._db_failing = False
-            except Exception:
+            except Exception as exc:
                 if not self._db_failing:
-                    log.exception("worker %s: claiming tasks failed; retrying", self.owner)
+                    if isinstance(exc, StoreFailing):  # the store logs why, once
+                        log.warning("worker %s: claiming tasks failed (the database is "
+                                    "failing); retrying", self.owner)
+                    else:
+                        log.exception("worker %s: claiming tasks failed; retrying", self.owner)
                     self._db_failing = True
             if self._stopping:
                 break
@@ -222,6 +227,10 @@ class Worker:
         reaper hands the task back; the error is logged, not raised into an unwatched task."""
         try:
             await change
+        except StoreFailing:  # the store logs why, once
+            log.warning("task %s: recording the end of attempt %s failed (the database is "
+                        "failing); its lease will run out and the task will be retried",
+                        doc["_id"], doc["attempt"])
         except Exception:
             log.exception("task %s: recording the end of attempt %s failed; its lease will "
                           "run out and the task will be retried", doc["_id"], doc["attempt"])

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 
 from ..config import Config
 from ..store import Store
-from ..tasks.publisher import EventsService
+from ..tasks.service import EventsService
 from .deliverer import Deliverer, disabled_event
 from .dispatcher import Dispatcher
 from .sender import Sender

@@ -14,21 +14,22 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from ..errors import Conflict
-from .base import MAX_ATTEMPTS_KEPT
+from ...errors import Conflict
+from ..base import MAX_ATTEMPTS_KEPT
+from .connection import MongoBase
 
 _BATCH = 500
 
 
-class MongoHooks:
-    """API keys, webhook endpoints and deliveries on MongoDB (mixed into MongoStore, whose
-    `db`, `counters` and `event_retention_s` it uses)."""
+class HooksMixin(MongoBase):
+    """API keys, webhook endpoints and deliveries on MongoDB."""
 
-    db: Any
-    counters: Any
-    event_retention_s: int
+    async def expire(self, now: dt.datetime) -> None:
+        await super().expire(now)
+        await self.expire_webhooks(now)
 
-    async def _create_hook_indexes(self) -> None:
+    async def _create_indexes(self) -> None:
+        await super()._create_indexes()
         db = self.db
         self.api_keys = db["api_keys"]
         self.webhooks = db["webhooks"]
@@ -137,8 +138,11 @@ class MongoHooks:
 
         async def check(batch: list[dict]) -> None:
             users = list({d["userId"] for d in batch})
+            # The counter is the user's last seq numbered (droid/store/mongo/outbox.py and
+            # connection.py number envelopes there); one not stored yet only makes the
+            # dispatcher look again at the next sweep.
             last = {d["_id"][4:]: int(d["value"]) for d in await self.counters.find(
-                {"_id": {"$in": [f"seq:{u}" for u in users]}}).to_list(None)}
+                {"_id": {"$in": [f"seq:{u}" for u in users]}}, {"value": True}).to_list(None)}
             behind.extend(d for d in batch if last.get(d["userId"], 0) > d["cursor"])
 
         async for doc in cursor:

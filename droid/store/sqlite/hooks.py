@@ -1,18 +1,21 @@
 """The SQLite side of API keys, webhook endpoints and their deliveries (SqliteStore's mixin).
 
-Same rules as droid/store/sqlite.py: every method runs whole in the store's thread, and every
-change that must be atomic is one statement or one `BEGIN IMMEDIATE` transaction. Lists (an
-endpoint's events, a delivery's attempts) are JSON text columns.
+Same rules as the rest of the SQLite store (droid/store/sqlite/__init__.py): every method runs
+whole in the store's thread, and every change that must be atomic is one statement or one
+`BEGIN IMMEDIATE` transaction (SqliteBase._write). Lists (an endpoint's events, a delivery's
+attempts) are JSON text columns.
 """
 from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import Conflict
-from ..util import dumps, loads
-from .base import MAX_ATTEMPTS_KEPT
+from ...errors import Conflict
+from ...util import dumps, loads
+from ..base import MAX_ATTEMPTS_KEPT
+from .connection import SqliteBase
+from .rows import from_ms, to_ms as _ms
 
 HOOKS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -53,8 +56,6 @@ CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (updatedAt)
     WHERE status != 'pending';
 """
 
-_EPOCH = dt.datetime(1970, 1, 1)
-_MS = dt.timedelta(milliseconds=1)
 _DATES = frozenset(("createdAt", "updatedAt", "lastUsedAt", "previousSecretUntil",
                     "failingSince", "nextAttemptAt"))
 _JSON = {"eventsJson": "events", "attemptsJson": "attempts"}
@@ -68,14 +69,6 @@ _COLUMNS = {
                    "updatedAt"),
 }
 _EXPIRE_BATCH = 5000
-
-
-def _ms(value: dt.datetime | None) -> int | None:
-    if value is None:
-        return None
-    if value.tzinfo is not None:
-        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
-    return (value - _EPOCH) // _MS
 
 
 def _column(field: str, value: Any) -> tuple[str, Any]:
@@ -97,7 +90,7 @@ def _doc(cursor: sqlite3.Cursor, row: tuple) -> dict:
         if name == "id":
             out["_id"] = value
         elif name in _DATES:
-            out[name] = None if value is None else _EPOCH + value * _MS
+            out[name] = from_ms(value)
         elif name in _JSON:
             out[_JSON[name]] = loads(value)
         elif name == "enabled":
@@ -109,13 +102,16 @@ def _doc(cursor: sqlite3.Cursor, row: tuple) -> dict:
     return out
 
 
-class SqliteHooks:
-    """API keys, webhook endpoints and deliveries on SQLite (mixed into SqliteStore, whose
-    `_run`, `_conn` and `event_retention_s` it uses)."""
+class HooksMixin(SqliteBase):
+    """API keys, webhook endpoints and deliveries on SQLite."""
 
-    _conn: sqlite3.Connection
-    event_retention_s: int
-    _run: Callable[..., Any]
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        super()._create_schema(conn)
+        conn.executescript(HOOKS_SCHEMA)
+
+    async def expire(self, now: dt.datetime) -> None:
+        await super().expire(now)
+        await self.expire_webhooks(now)
 
     # helpers (in the store's thread) ---------------------------------------------------------
 
@@ -153,18 +149,6 @@ class SqliteHooks:
             args.append(value)
         return sets, args
 
-    def _h_transaction(self, fn: Callable[[], Any]) -> Any:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn()
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
     def _h_insert_limited(self, table: str, doc: dict, limit: int) -> None:
         def run() -> None:
             count = self._conn.execute(f"SELECT count(*) FROM {table} WHERE userId = ?",
@@ -173,7 +157,7 @@ class SqliteHooks:
                 raise Conflict(f"limit of {limit} reached")
             self._h_insert(table, doc)
 
-        self._h_transaction(run)
+        self._write(run)
 
     # API keys --------------------------------------------------------------------------------
 
@@ -249,7 +233,7 @@ class SqliteHooks:
                 self._conn.execute("DELETE FROM deliveries WHERE endpointId = ?", (webhook_id,))
             return gone
 
-        return await self._run(self._h_transaction, run)
+        return await self._run(self._write, run)
 
     async def webhooks_behind(self, limit: int = 100) -> list[dict]:
         # Only the endpoints behind: the partial index holds nothing else (ownerSeq, above).
@@ -268,7 +252,7 @@ class SqliteHooks:
                     self._h_insert("deliveries", doc, or_ignore=True)
             return moved
 
-        return await self._run(self._h_transaction, run)
+        return await self._run(self._write, run)
 
     async def webhook_failing(self, webhook_id: str, now: dt.datetime) -> dt.datetime | None:
         doc = await self._run(self._h_one, "UPDATE webhooks SET failingSince = "
@@ -305,7 +289,7 @@ class SqliteHooks:
             return self._h_one(f"UPDATE deliveries SET {', '.join(sets)} WHERE id = ? "
                                "RETURNING *", (*args, delivery_id))
 
-        return await self._run(self._h_transaction, run)
+        return await self._run(self._write, run)
 
     async def delivery_by_id(self, delivery_id: str, endpoint_id: str) -> dict | None:
         return await self._run(self._h_one, "SELECT * FROM deliveries WHERE id = ? AND "
