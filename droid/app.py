@@ -148,11 +148,14 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     if provider is None:
         provider = make_provider(base_url=config.llm_base_url, api_key=config.llm_api_key,
                                  model=config.llm_model, timeout_s=config.llm_timeout_s,
+                                 max_answer_bytes=config.llm_max_answer_bytes,
+                                 max_tokens=config.llm_max_tokens,
                                  demo_delay_s=config.demo_delay_s)
     worker = Worker(tasks, agents, provider, concurrency=config.worker_concurrency,
                     timeout_s=config.task_timeout_s, lease_s=config.lease_s,
                     owner=config.instance_id, metrics=metrics,
-                    shutdown_grace_s=config.shutdown_grace_s)
+                    shutdown_grace_s=config.shutdown_grace_s,
+                    retry_after_max_s=config.llm_retry_after_max_s)
     settings: dict[str, Any] = dict(
         config=config, store=store, tokens=tokens, passwords=Passwords(), task_service=tasks,
         agent_service=agents, events_service=events, metrics=metrics, origins=origins,

@@ -57,6 +57,16 @@ class Config:
     body_timeout_s: float = 60.0
     auth_attempts_per_address: int = 30  # a minute, login and registration together
     auth_failures_per_account: int = 10  # in 10 minutes, failed logins and registrations
+    # Issue 22: quotas per user (0: none), pages, argon2 work, LLM answers (README "Limits").
+    quota_tasks_per_minute: int = 600
+    quota_pending_tasks: int = 1000
+    quota_stored_bytes: int = 1024 ** 3
+    max_page_bytes: int = 1024 * 1024
+    argon2_concurrency: int = 2
+    argon2_queue: int = 16
+    llm_max_answer_bytes: int = 1024 * 1024
+    llm_max_tokens: int | None = None
+    llm_retry_after_max_s: float = 600.0
     instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
 
     @property
@@ -241,6 +251,15 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         body_timeout_s=_float(env, "DROID_BODY_TIMEOUT_S", 60.0, 0.1),
         auth_attempts_per_address=_int(env, "DROID_AUTH_ATTEMPTS_PER_ADDRESS", 30, 1),
         auth_failures_per_account=_int(env, "DROID_AUTH_FAILURES_PER_ACCOUNT", 10, 1),
+        quota_tasks_per_minute=_int(env, "DROID_QUOTA_TASKS_PER_MINUTE", 600, 0),
+        quota_pending_tasks=_int(env, "DROID_QUOTA_PENDING_TASKS", 1000, 0),
+        quota_stored_bytes=_int(env, "DROID_QUOTA_STORED_BYTES", 1024 ** 3, 0),
+        max_page_bytes=_int(env, "DROID_MAX_PAGE_BYTES", 1024 * 1024, 64 * 1024),
+        argon2_concurrency=_int(env, "DROID_ARGON2_CONCURRENCY", 2, 1, 64),
+        argon2_queue=_int(env, "DROID_ARGON2_QUEUE", 16, 0, 10000),
+        llm_max_answer_bytes=_int(env, "LLM_MAX_ANSWER_BYTES", 1024 * 1024, 1024),
+        llm_max_tokens=_int(env, "LLM_MAX_TOKENS", 0, 1) if _opt(env, "LLM_MAX_TOKENS") else None,
+        llm_retry_after_max_s=_float(env, "LLM_RETRY_AFTER_MAX_S", 600.0),
     )
 
 

@@ -222,8 +222,10 @@ class TaskService:
              "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None}) is not None
 
     async def fail_attempt(self, doc: dict, error: str, *, execution_time_ms: int | None = None,
-                           retryable: bool = True) -> str | None:
-        """End a failed attempt: back to pending while retries remain, else failed.
+                           retryable: bool = True,
+                           not_before_s: float | None = None) -> str | None:
+        """End a failed attempt: back to pending while retries remain, else failed. A retry is
+        due after the backoff, or after `not_before_s` when that is longer (a 429's Retry-After).
 
         Returns the new status, or None when the attempt was no longer current (cancelled,
         or taken over after its lease ran out).
@@ -231,7 +233,7 @@ class TaskService:
         now = utcnow()
         retries = doc.get("retryCount", 0)
         if retryable and retries < self.max_retries:
-            delay = self.retry_delay(retries)
+            delay = max(self.retry_delay(retries), not_before_s or 0.0)
             updated = await self._end_attempt(
                 doc, "task.pending",
                 {"status": "pending", "error": error, "updatedAt": now,
