@@ -115,6 +115,7 @@ class Droid:
             await self.server.close_all_connections()
         if self.redis is not None:
             await self.redis.aclose()
+        self.application.settings["passwords"].close()
         if self.owns_store:
             await self.store.close()
 
@@ -156,8 +157,10 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
                     owner=config.instance_id, metrics=metrics,
                     shutdown_grace_s=config.shutdown_grace_s,
                     retry_after_max_s=config.llm_retry_after_max_s)
+    passwords = Passwords(config.argon2_concurrency, config.argon2_queue)
+    log.info("%s (DROID_ARGON2_CONCURRENCY, DROID_ARGON2_QUEUE)", passwords.describe())
     settings: dict[str, Any] = dict(
-        config=config, store=store, tokens=tokens, passwords=Passwords(), task_service=tasks,
+        config=config, store=store, tokens=tokens, passwords=passwords, task_service=tasks,
         agent_service=agents, events_service=events, metrics=metrics, origins=origins,
         socket_count=realtime.socket_count, version=__version__,
         openapi=build_openapi(__version__), static_path=static_path(),
