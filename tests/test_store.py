@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 from pymongo import AsyncMongoClient
 
+from droid.emails import normalise, with_forms
 from droid.errors import Conflict
 from droid.store import PRIORITY_RANK, STATUSES, Store
 from droid.store.mongo import MongoStore
@@ -106,8 +107,10 @@ def new_id() -> str:
 
 
 def user_doc(email: str | None = None, **over) -> dict:
-    return {"_id": new_id(), "email": email or f"u-{uuid.uuid4().hex[:8]}@example.com",
-            "name": None, "passwordHash": "$argon2id$v=19$fake", "createdAt": utcnow(), **over}
+    """A user as the store keeps one (with its normalised e-mail, droid/emails.py)."""
+    return with_forms({
+        "_id": new_id(), "email": email or f"u-{uuid.uuid4().hex[:8]}@example.com",
+        "name": None, "passwordHash": "$argon2id$v=19$fake", "createdAt": utcnow(), **over})
 
 
 def task_doc(user_id: str, *, created: dt.datetime | None = None, priority: str = "normal",
@@ -222,6 +225,26 @@ async def test_duplicate_email_is_a_conflict_and_keeps_the_first_user(store: Sto
         await store.insert_user(second)
     assert await store.user_by_email("same@example.com") == first
     assert await store.user_by_id(second["_id"]) is None
+
+
+async def test_users_by_their_normalised_email_and_look_alikes_refused(store: Store) -> None:
+    user = user_doc("Ada@Example.com".lower())
+    await store.insert_user(user)
+    assert await store.user_by_email_key(normalise("ADA@example.com").key) == user
+    assert await store.user_by_email_key("nobody@example.com") is None
+    for email, message in (("\uff41da@example.com", "Email is already registered"),
+                           ("\u0430da@example.com",
+                            "Email looks like an address that is already registered")):
+        with pytest.raises(Conflict) as refused:
+            await store.insert_user(user_doc(email))
+        assert refused.value.message == message
+    # A user given without its forms gets them (so two such users never collide on a null).
+    bare = {"_id": new_id(), "email": "bare@example.com", "name": None, "passwordHash": "x",
+            "createdAt": utcnow()}
+    other = {**bare, "_id": new_id(), "email": "other@example.com"}
+    await store.insert_user(bare)
+    await store.insert_user(other)
+    assert (await store.user_by_email_key("other@example.com"))["_id"] == other["_id"]
 
 
 # agents ------------------------------------------------------------------------------------

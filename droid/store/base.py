@@ -68,6 +68,11 @@ class Store(abc.ABC):
     async def user_by_email(self, email: str) -> dict | None: ...
 
     @abc.abstractmethod
+    async def user_by_email_key(self, key: str) -> dict | None:
+        """The user whose normalised e-mail (`emailKey`, droid/emails.py) is `key`. Users also
+        hold a unique `emailSkeleton`; insert_user's Conflict says which of the two was taken."""
+
+    @abc.abstractmethod
     async def user_by_id(self, user_id: str) -> dict | None: ...
 
     # agents ----------------------------------------------------------------------------------

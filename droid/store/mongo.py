@@ -15,6 +15,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from ..errors import Conflict
 from ..util import dumps, loads
 from .base import ACTIVE, STATUSES, Store, StoreUnavailable
+from .mongo_accounts import MongoAccounts
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def _reason(exc: PyMongoError) -> str:
     text = str(exc).split(", Timeout:", 1)[0].split(" (configured timeouts", 1)[0]
     return f"{text[:300]} ({type(exc).__name__})"
 
-class MongoStore(Store):
+class MongoStore(MongoAccounts, Store):
     kind = "mongodb"
 
     def __init__(self, uri: str, db_name: str, **kwargs: int) -> None:
@@ -67,6 +68,7 @@ class MongoStore(Store):
         self.counters = db["counters"]
         self.idempotency = db["idempotency"]
         await self.users.create_index([("email", ASCENDING)], unique=True, name="email_unique")
+        await self._accounts_indexes()
         await self.agents.create_index([("ownerId", ASCENDING), ("createdAt", ASCENDING)],
                                        name="owner_created")
         await self.tasks.create_index([("userId", ASCENDING), ("createdAt", DESCENDING),
@@ -108,12 +110,6 @@ class MongoStore(Store):
             {"createdAt": {"$lt": now - dt.timedelta(seconds=self.idempotency_ttl_s)}})
 
     # users -----------------------------------------------------------------------------------
-
-    async def insert_user(self, doc: dict) -> None:
-        try:
-            await self.users.insert_one(dict(doc))
-        except DuplicateKeyError:
-            raise Conflict("Email is already registered") from None
 
     async def user_by_email(self, email: str) -> dict | None:
         return await self.users.find_one({"email": email})

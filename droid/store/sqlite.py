@@ -25,6 +25,7 @@ from typing import Any, Callable, TypeVar
 from ..errors import Conflict
 from ..util import dumps, loads
 from .base import ACTIVE, STATUSES, Store, StoreUnavailable
+from .sqlite_accounts import SqliteAccounts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,7 +72,8 @@ _TASK_COLUMNS = frozenset((
     "tokensUsed", "executionTimeMs", "retryCount", "metadataJson", "createdAt", "updatedAt",
     "startedAt", "completedAt", "runAfter", "attempt", "leaseOwner", "leaseExpiresAt"))
 _COLUMNS = {
-    "users": frozenset(("email", "name", "passwordHash", "createdAt")),
+    "users": frozenset(("email", "name", "passwordHash", "createdAt", "emailKey",
+                        "emailSkeleton")),
     "agents": frozenset(("name", "model", "systemPrompt", "description", "ownerId", "createdAt")),
     "tasks": _TASK_COLUMNS,
 }
@@ -178,7 +180,7 @@ def _fail(answer: asyncio.Future, exc: BaseException) -> None:
         answer.set_exception(exc)
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteAccounts, Store):
     kind = "sqlite"
 
     def __init__(self, path: str, **kwargs: int) -> None:
@@ -231,6 +233,7 @@ class SqliteStore(Store):
             # transactions, never the file's consistency.
             conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA)
+        self._accounts_schema(conn)
         self._conn = conn
 
     async def close(self) -> None:
@@ -299,10 +302,7 @@ class SqliteStore(Store):
     # users -----------------------------------------------------------------------------------
 
     async def insert_user(self, doc: dict) -> None:
-        try:
-            await self._run(self._insert, "users", doc)
-        except sqlite3.IntegrityError:
-            raise Conflict("Email is already registered") from None
+        await self._run(self._insert_user, doc)
 
     async def user_by_email(self, email: str) -> dict | None:
         return await self._run(self._one, "SELECT * FROM users WHERE email = ?", (email,))
