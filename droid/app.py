@@ -26,6 +26,7 @@ from .http.ratelimit import AuthLimits
 from .http.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler,
                           StaticHandler)
 from .metrics import Metrics
+from .quotas import Quota
 from .realtime.endpoint import MAX_PACKET, Realtime
 from .realtime.wire import NAMESPACE
 from .store import Store, store_from_config
@@ -144,7 +145,10 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     realtime = Realtime(config, store=store, tokens=tokens, publisher=events, origins=origins,
                         metrics=metrics, manager=manager)
     tasks = TaskService(store, events, max_retries=config.task_max_retries,
-                        retry_backoff_s=config.retry_backoff_s)
+                        retry_backoff_s=config.retry_backoff_s,
+                        quota=Quota(config.quota_tasks_per_minute, config.quota_pending_tasks,
+                                    config.quota_stored_bytes),
+                        max_page_bytes=config.max_page_bytes)
     agents = AgentService(store, default_model=config.llm_model)
     if provider is None:
         provider = make_provider(base_url=config.llm_base_url, api_key=config.llm_api_key,

@@ -122,17 +122,19 @@ def task_doc(user_id: str, *, created: dt.datetime | None = None, priority: str 
             "response": None, "error": None, "tokensUsed": None, "executionTimeMs": None,
             "retryCount": 0, "metadataJson": None, "createdAt": created, "updatedAt": created,
             "startedAt": None, "completedAt": None, "runAfter": created, "attempt": 0,
-            "leaseOwner": None, "leaseExpiresAt": None, **over}
+            "leaseOwner": None, "leaseExpiresAt": None, "vkey": None, **over}
 
 
 def event_doc(user_id: str, seq: int, created: dt.datetime | None = None) -> dict:
     created = created or utcnow()
-    envelope = {"event": "task.created", "seq": seq, "timestamp": "2026-01-01T00:00:00.000Z",
+    # Not task.created or task.completed: those are stored without what their task's row holds
+    # (droid/store/slim.py), and this one has no task.
+    envelope = {"event": "task.failed", "seq": seq, "timestamp": "2026-01-01T00:00:00.000Z",
                 "data": {"taskId": f"t{seq}", "text": "ünïcødé ✓", "n": [1, 2.5, None, True],
                          "nested": {"empty": {}, "none": None},
                          # User metadata: keys a BSON field name cannot be, stored all the same.
                          "metadata": {"a.b": 1, "$set": {"x": 2}, "nul\x00key": "v", "": 0}}}
-    return {"userId": user_id, "seq": seq, "event": "task.created", "envelope": envelope,
+    return {"userId": user_id, "seq": seq, "event": "task.failed", "envelope": envelope,
             "createdAt": created}
 
 
@@ -745,7 +747,7 @@ async def test_append_event_numbers_and_stores_in_one_call(store: Store) -> None
     for n in range(3):
         doc = event_doc(alice, 0)
         envelope = {**doc["envelope"], "seq": None}
-        assert await store.append_event(alice, "task.created", envelope, doc["createdAt"]) \
+        assert await store.append_event(alice, "task.failed", envelope, doc["createdAt"]) \
             == n + 2
         assert envelope["seq"] == n + 2
         stored.append({**doc, "seq": n + 2, "envelope": envelope})

@@ -13,8 +13,9 @@ import logging
 from typing import Awaitable, Callable, Protocol
 
 from ..errors import Conflict, Invalid, NotFound
+from ..quotas import Quota, task_size
 from ..store import PRIORITY_RANK, Store
-from ..util import dumps, iso, loads, new_id, now_iso, utcnow
+from ..util import dumps, iso, loads, new_id, now_iso, to_ms, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,11 @@ class TaskService:
     """Creates, reads and moves tasks; the only writer of a task's `status`."""
 
     def __init__(self, store: Store, publisher: Publisher | None = None, *, max_retries: int = 2,
-                 retry_backoff_s: float = 1.0) -> None:
+                 retry_backoff_s: float = 1.0, quota: Quota | None = None,
+                 max_page_bytes: int | None = None) -> None:
         self.store = store
+        self.quota = quota or Quota()
+        self.max_page_bytes = max_page_bytes
         self.publisher: Publisher = publisher or LogPublisher()
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
@@ -128,8 +132,10 @@ class TaskService:
                    limit: int = 20, cursor: str | None = None) -> dict:
         after = decode_cursor(cursor) if cursor else None
         docs = await self.store.tasks_page(user_id, status=status, agent_id=agent_id,
-                                           limit=limit + 1, after=after)
-        more = len(docs) > limit
+                                           limit=limit + 1, after=after,
+                                           max_bytes=self.max_page_bytes)
+        # Fewer than `limit` + 1 rows when the page reached max_bytes: there may be more.
+        more = len(docs) > limit or (0 < len(docs) <= limit and getattr(docs, "truncated", False))
         docs = docs[:limit]
         return {"items": [task_json(d) for d in docs],
                 "nextCursor": encode_cursor(docs[-1]) if more else None}
@@ -145,6 +151,11 @@ class TaskService:
         """
         now = utcnow()
         task_id = new_id()
+        metadata_json = dumps(metadata).decode() if metadata is not None else None
+        # Counted against the user's quotas first (a replayed Idempotency-Key is refused too
+        # while a quota refuses: its client retries after Retry-After and gets its task).
+        vkey = await self.store.admit_task(user_id, to_ms(now), task_size(prompt, metadata_json),
+                                           self.quota)
         if idempotency_key is not None:
             first = await self._claim_key(user_id, idempotency_key, task_id, now)
             if first != task_id:
@@ -153,9 +164,9 @@ class TaskService:
                "priority": priority, "priorityRank": PRIORITY_RANK[priority], "prompt": prompt,
                "response": None, "error": None, "tokensUsed": None, "executionTimeMs": None,
                "retryCount": 0, "createdAt": now, "updatedAt": now,
-               "metadataJson": dumps(metadata).decode() if metadata is not None else None,
+               "metadataJson": metadata_json,
                "startedAt": None, "completedAt": None, "runAfter": now, "attempt": 0,
-               "leaseOwner": None, "leaseExpiresAt": None}
+               "leaseOwner": None, "leaseExpiresAt": None, "vkey": vkey}
         await self.store.insert_task(doc)
         task = task_json(doc)
         await self._publish(user_id, "task.created", task)
@@ -215,11 +226,15 @@ class TaskService:
     async def complete(self, doc: dict, *, response: str, tokens_used: int,
                        execution_time_ms: int) -> bool:
         now = utcnow()
-        return await self._end_attempt(
+        done = await self._end_attempt(
             doc, "task.completed",
             {"status": "completed", "response": response, "tokensUsed": tokens_used,
              "executionTimeMs": execution_time_ms, "error": None, "completedAt": now,
              "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None}) is not None
+        if done and response:  # the answer is stored: it counts against the owner's bytes
+            await self.store.add_stored_bytes(doc["userId"], len(response.encode(
+                "utf-8", "surrogatepass")))
+        return done
 
     async def fail_attempt(self, doc: dict, error: str, *, execution_time_ms: int | None = None,
                            retryable: bool = True,
