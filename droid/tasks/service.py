@@ -226,15 +226,12 @@ class TaskService:
     async def complete(self, doc: dict, *, response: str, tokens_used: int,
                        execution_time_ms: int) -> bool:
         now = utcnow()
-        done = await self._end_attempt(
+        return await self._end_attempt(
             doc, "task.completed",
             {"status": "completed", "response": response, "tokensUsed": tokens_used,
              "executionTimeMs": execution_time_ms, "error": None, "completedAt": now,
-             "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None}) is not None
-        if done and response:  # the answer is stored: it counts against the owner's bytes
-            await self.store.add_stored_bytes(doc["userId"], len(response.encode(
-                "utf-8", "surrogatepass")))
-        return done
+             "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None},
+            stored_bytes=len(response.encode("utf-8", "surrogatepass"))) is not None
 
     async def fail_attempt(self, doc: dict, error: str, *, execution_time_ms: int | None = None,
                            retryable: bool = True,
@@ -301,16 +298,20 @@ class TaskService:
     # the one place a state changes -----------------------------------------------------------
 
     def _end_attempt(self, doc: dict, event: str, fields: dict, *,
-                     count_retry: bool = False) -> Awaitable[dict | None]:
+                     count_retry: bool = False, stored_bytes: int = 0) -> Awaitable[dict | None]:
         """Move attempt `doc` on, if it is still the task's current one."""
         return self._transition(
             self.store.update_attempt(doc["_id"], doc["attempt"], fields, count_retry=count_retry),
-            event)
+            event, stored_bytes)
 
-    async def _transition(self, change: Awaitable[dict | None], event: str) -> dict | None:
-        """Apply one atomic change of state in the store, then publish what it became."""
+    async def _transition(self, change: Awaitable[dict | None], event: str,
+                          stored_bytes: int = 0) -> dict | None:
+        """Apply one atomic change of state in the store, count what it stored for the owner
+        (an answer, against DROID_QUOTA_STORED_BYTES), then publish what it became."""
         doc = await change
         if doc is not None:
+            if stored_bytes:
+                await self.store.add_stored_bytes(doc["userId"], stored_bytes)
             await self._publish(doc["userId"], event, task_json(doc))
         return doc
 
