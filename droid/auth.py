@@ -5,6 +5,8 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import math
+import os
+import threading
 import time
 from typing import Any, Callable, TypeVar
 
@@ -44,7 +46,8 @@ class Passwords:
     """argon2id hashing, off the event loop (it is deliberately slow), bounded overall.
 
     At most `concurrency` hashes or verifications run at once, in threads of their own (never
-    the loop's default executor), and at most `queue` more wait for one; beyond that the call
+    the loop's default executor) at a lower priority than the loop's (ARGON2_NICE), and at most
+    `queue` more wait for one; beyond that the call
     raises errors.Busy at once (a 503 with Retry-After), so that a flood of logins from many
     addresses costs at most `concurrency` cores and `concurrency` x `memory_kib` of memory
     (argon2-cffi's memory_cost per hash: 64 MiB by default), and a real user waits at most a
@@ -56,8 +59,8 @@ class Passwords:
         self.concurrency = concurrency
         self.queue = queue
         self.memory_kib = self._hasher.memory_cost
-        self._pool = concurrent.futures.ThreadPoolExecutor(concurrency,
-                                                           thread_name_prefix="droid-argon2")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            concurrency, thread_name_prefix="droid-argon2", initializer=_lower_priority)
         self.running = 0  # calls running or waiting for a thread
         self.refused = 0
         # A fixed hash to verify against when the e-mail is unknown, so that timing does not
@@ -92,6 +95,19 @@ class Passwords:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+ARGON2_NICE = 10
+
+
+def _lower_priority() -> None:
+    """An argon2 thread yields the CPU to the event loop's: under a flood of logins the loop
+    still answers everything else (Linux sets a nice value per thread; elsewhere nothing)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + ARGON2_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class Tokens:

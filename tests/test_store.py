@@ -30,7 +30,7 @@ from droid.errors import Conflict
 from droid.store import PRIORITY_RANK, STATUSES, Store
 from droid.store.mongo import MongoStore
 from droid.store.sqlite import SqliteStore
-from droid.util import utcnow
+from droid.util import to_ms, utcnow
 from redis_server import die_with_parent
 
 pytestmark = pytest.mark.asyncio
@@ -866,3 +866,59 @@ async def test_claim_key_under_20_concurrent_requests_has_one_winner(
     assert len(winners) == 1, results
     assert results == [winners[0]] * 20
     assert await stores[1].claim_key(alice, "k", "late", now, since) == winners[0]
+
+
+# quotas and fair claims (droid/quotas.py) ----------------------------------------------------
+
+
+async def test_admit_task_counts_and_refuses_by_each_quota(store: Store) -> None:
+    from droid.quotas import Quota, QuotaExceeded
+
+    user, now = new_id(), utcnow()
+    ms = to_ms(now)
+    quota = Quota(tasks_per_minute=3, pending_tasks=0, stored_bytes=1000)
+    keys = [await store.admit_task(user, ms + n, 100, quota) for n in range(3)]
+    assert keys == sorted(keys) and len(set(keys)) == 3
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.admit_task(user, ms + 10, 100, quota)
+    assert refused.value.status == 429 and 1 <= refused.value.retry_after <= 60
+    assert await store.admit_task(user, ms + 60_001, 100, quota)  # the next minute
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.admit_task(user, ms + 60_002, 700, quota)
+    assert refused.value.status == 413 and refused.value.retry_after is None
+    assert await store.stored_bytes(user) == 400
+    await store.add_stored_bytes(user, 50)
+    assert await store.stored_bytes(user) == 450
+    pending = Quota(tasks_per_minute=0, pending_tasks=2, stored_bytes=0)
+    other = new_id()
+    for _ in range(2):
+        await store.insert_task(task_doc(other, vkey=await store.admit_task(other, ms, 1,
+                                                                           pending)))
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.admit_task(other, ms, 1, pending)
+    assert refused.value.status == 429 and refused.value.retry_after == 5
+
+
+async def test_claims_take_turns_between_users_and_keep_priority_within_one(store: Store) -> None:
+    from droid.quotas import Quota
+
+    quota, base = Quota(0, 0, 0), utcnow() - secs(60)
+    hog, late = new_id(), new_id()
+
+    async def create(user: str, n: int, priority: str = "normal") -> dict:
+        created = base + dt.timedelta(milliseconds=n)
+        doc = task_doc(user, created=created, priority=priority,
+                       vkey=await store.admit_task(user, to_ms(created), 1, quota))
+        await store.insert_task(doc)
+        return doc
+
+    hogs = [await create(hog, n) for n in range(6)]
+    mine_low = await create(late, 10, "low")
+    mine_urgent = await create(late, 11, "urgent")
+    now = utcnow()
+    order = []
+    while (doc := await store.claim_task("w", now, now + secs(30))) is not None:
+        order.append(doc["_id"])
+    # The late user's two tasks run within the hog's first turns, its urgent one first.
+    assert order.index(mine_urgent["_id"]) < order.index(mine_low["_id"]) <= 4
+    assert [i for i in order if i in {h["_id"] for h in hogs}] == [h["_id"] for h in hogs]
