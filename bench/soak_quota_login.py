@@ -105,7 +105,7 @@ async def sampler(run: Run, stop: asyncio.Event) -> None:
     health.close()
 
 
-async def quota_flood(run: Run, seconds: float) -> None:
+async def quota_flood(run: Run, seconds: float, creators: int = 16, readers: int = 8) -> None:
     tokens = [token(f"soak-{uuid.uuid4().hex[:8]}") for _ in range(USERS)]
     body = json.dumps({"prompt": PROMPT, "metadata": METADATA}).encode()
     until = time.monotonic() + seconds
@@ -123,7 +123,8 @@ async def quota_flood(run: Run, seconds: float) -> None:
             status, _ = await run.fetch("/events?after=0&limit=1000", headers=headers)
             run.answers["GET /events"][status] += 1
 
-    await asyncio.gather(*[creator(n) for n in range(16)], *[reader(n) for n in range(8)])
+    await asyncio.gather(*[creator(n) for n in range(creators)],
+                         *[reader(n) for n in range(readers)])
 
 
 async def login_flood(run: Run, seconds: float) -> None:
@@ -166,11 +167,12 @@ async def login_flood(run: Run, seconds: float) -> None:
     await asyncio.gather(*[attacker(n) for n in range(200)], real_user())
 
 
-def start_server(data_dir: str, port: int) -> subprocess.Popen:
+def start_server(data_dir: str, port: int, extra: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MONGODB_", "LLM_", "REDIS_", "JWT_", "DROID_", "WORKER_"))}
     env.update(HOST="127.0.0.1", PORT=str(port), JWT_SECRET=SECRET, DROID_DATA_DIR=data_dir,
                LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT))
+    env.update(item.split("=", 1) for item in extra)
     return subprocess.Popen([sys.executable, "-m", "droid"], cwd=data_dir, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(
                                 os.path.join(data_dir, "server.log"), "wb"))
@@ -244,7 +246,7 @@ def svg(run: Run, path: Path) -> None:
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="droid-soak-quota-") as data:
         sock_port = int(args.port)
-        proc = start_server(data, sock_port)
+        proc = start_server(data, sock_port, args.env)
         run = Run(proc.pid, f"http://127.0.0.1:{sock_port}")
         try:
             for _ in range(200):
@@ -256,8 +258,13 @@ async def main(args: argparse.Namespace) -> None:
             await asyncio.sleep(args.rest)
             rest_kib = statistics.median(s["rssKiB"] for s in run.samples)
             for name, flood in (("quota", quota_flood), ("login", login_flood)):
+                if args.only and name != args.only:
+                    continue
                 run.phase = name
-                await flood(run, args.seconds)
+                if name == "quota":
+                    await flood(run, args.seconds, args.creators, args.readers)
+                else:
+                    await flood(run, args.seconds)
                 run.phase = f"after {name}"
                 await asyncio.sleep(args.after)
             stop.set()
@@ -284,6 +291,13 @@ if __name__ == "__main__":
                         help="quiet time after each flood (default: --seconds)")
     parser.add_argument("--rest", type=float, default=10.0, help="quiet time before the first")
     parser.add_argument("--port", default="3979")
+    parser.add_argument("--only", choices=("quota", "login"), help="run one flood only")
+    parser.add_argument("--creators", type=int, default=16,
+                        help="connections creating tasks in the quota flood")
+    parser.add_argument("--readers", type=int, default=8,
+                        help="clients reading GET /events in the quota flood")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="more environment for the server (repeatable)")
     parser.add_argument("--plot", default=str(BENCH / "plots" / "soak_quota_login.svg"))
     arguments = parser.parse_args()
     if arguments.after is None:
