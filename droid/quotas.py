@@ -31,9 +31,11 @@ class Quota:
 class QuotaExceeded(ApiError):
     """A quota refused a task: 429 (with Retry-After) or 413, the rule named in the message."""
 
-    def __init__(self, message: str, status: int, retry_after: int | None = None) -> None:
+    def __init__(self, message: str, status: int, retry_after: int | None = None,
+                 rule: str = "") -> None:
         super().__init__(message, status)
         self.retry_after = retry_after
+        self.rule = rule  # "per-minute", "pending" or "bytes"
 
     @property
     def reason(self) -> str:
@@ -43,19 +45,22 @@ class QuotaExceeded(ApiError):
 def too_many_per_minute(quota: Quota, retry_after: int) -> QuotaExceeded:
     return QuotaExceeded(
         f"Quota exceeded: at most {quota.tasks_per_minute} tasks created per minute "
-        f"(DROID_QUOTA_TASKS_PER_MINUTE); retry in {retry_after} seconds", 429, retry_after)
+        f"(DROID_QUOTA_TASKS_PER_MINUTE); retry in {retry_after} seconds", 429, retry_after,
+        "per-minute")
 
 
 def too_many_pending(quota: Quota) -> QuotaExceeded:
     return QuotaExceeded(
         f"Quota exceeded: at most {quota.pending_tasks} tasks pending at once "
-        "(DROID_QUOTA_PENDING_TASKS); retry once some have run", 429, PENDING_RETRY_S)
+        "(DROID_QUOTA_PENDING_TASKS); retry once some have run", 429, PENDING_RETRY_S,
+        "pending")
 
 
 def too_many_bytes(quota: Quota, used: int, size: int) -> QuotaExceeded:
     return QuotaExceeded(
         f"Quota exceeded: at most {quota.stored_bytes} bytes stored per user "
-        f"(DROID_QUOTA_STORED_BYTES); {used} are used and this task needs {size}", 413)
+        f"(DROID_QUOTA_STORED_BYTES); {used} are used and this task needs {size}", 413,
+        rule="bytes")
 
 
 def task_size(prompt: str, metadata_json: str | None) -> int:

@@ -51,6 +51,11 @@ async def test_quotas_are_shared_by_every_process(spawn, tmp_path):
     assert refused.status == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.message.startswith("Quota exceeded: at most 4 tasks created per minute "
                                       "(DROID_QUOTA_TASKS_PER_MINUTE); retry in ")
+    # Until the window ends this process refuses the user at once, its body unread...
+    again = await api2.request("POST", "/tasks", raw=b"not json", token=token)
+    assert again.status == 429 and again.message.startswith("Quota exceeded: at most 4 tasks")
+    # ... while the other one, which has not been told yet, reads it first.
+    assert (await api1.request("POST", "/tasks", raw=b"not json", token=token)).status == 400
     other = await api2.register()  # another user has quotas of its own
     assert (await post_task(api2, other["token"])).status == 201
     api1.close()

@@ -5,6 +5,7 @@ from ..emails import LEGACY, normalise
 from ..errors import Conflict, Invalid, Unauthorized
 from .schemas import AgentBody, LoginBody, RegisterBody, TaskBody, TaskQuery
 from ..util import iso, new_id, utcnow
+from ..web import write_api_error
 from .base import ApiHandler
 
 LOGIN_FAILED = "Invalid email or password"
@@ -108,6 +109,11 @@ class TasksHandler(ApiHandler):
 
     async def post(self) -> None:
         user_id = self.user_id
+        refused = self.task_service.refused(user_id)
+        if refused is not None:
+            # Answered as it is, not raised: a flood of them leaves no traceback cycles behind.
+            write_api_error(self, refused)
+            return
         body = self.body(TaskBody)
         key = self.request.headers.get("Idempotency-Key")
         if key is not None and not (1 <= len(key) <= 255 and key.isprintable()):

@@ -10,10 +10,12 @@ import base64
 import binascii
 import datetime as dt
 import logging
+import math
+import time
 from typing import Awaitable, Callable, Protocol
 
 from ..errors import Conflict, Invalid, NotFound
-from ..quotas import Quota, task_size
+from ..quotas import Quota, QuotaExceeded, task_size, too_many_per_minute
 from ..store import PRIORITY_RANK, Store
 from ..util import dumps, iso, loads, new_id, now_iso, to_ms, utcnow
 
@@ -97,6 +99,9 @@ class TaskService:
         self.store = store
         self.quota = quota or Quota()
         self.max_page_bytes = max_page_bytes
+        # Users the per-minute quota refused, until their window ends (time.monotonic()): their
+        # next requests are refused without a store call or reading their body (a flood's).
+        self._full: dict[str, float] = {}
         self.publisher: Publisher = publisher or LogPublisher()
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
@@ -142,6 +147,26 @@ class TaskService:
 
     # changes made by users -------------------------------------------------------------------
 
+    def refused(self, user_id: str) -> QuotaExceeded | None:
+        """The per-minute quota's refusal of the user while it holds (as the store said it
+        last), else None: the caller answers it without creating anything."""
+        until = self._full.get(user_id)
+        if until is None:
+            return None
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._full[user_id]
+            return None
+        return too_many_per_minute(self.quota, max(1, math.ceil(left)))
+
+    def _remember_full(self, user_id: str, retry_after: int) -> None:
+        if len(self._full) >= 1024:  # bounded: the expired go first, else the oldest
+            now = time.monotonic()
+            for key in [k for k, t in self._full.items() if t <= now] or [next(iter(self._full))]:
+                del self._full[key]
+        # The store rounds the rest of the window up to whole seconds: remember a little less.
+        self._full[user_id] = time.monotonic() + retry_after - 1
+
     async def create(self, user_id: str, *, agent_id: str, prompt: str, priority: str = "normal",
                      metadata: dict | None = None,
                      idempotency_key: str | None = None) -> tuple[dict, bool]:
@@ -154,8 +179,13 @@ class TaskService:
         metadata_json = dumps(metadata).decode() if metadata is not None else None
         # Counted against the user's quotas first (a replayed Idempotency-Key is refused too
         # while a quota refuses: its client retries after Retry-After and gets its task).
-        vkey = await self.store.admit_task(user_id, to_ms(now), task_size(prompt, metadata_json),
-                                           self.quota)
+        try:
+            vkey = await self.store.admit_task(user_id, to_ms(now),
+                                               task_size(prompt, metadata_json), self.quota)
+        except QuotaExceeded as exc:
+            if exc.rule == "per-minute":
+                self._remember_full(user_id, exc.retry_after or 1)
+            raise
         if idempotency_key is not None:
             first = await self._claim_key(user_id, idempotency_key, task_id, now)
             if first != task_id:
