@@ -7,12 +7,14 @@ fields); dates are naive UTC datetimes with millisecond precision (`util.utcnow(
 
 Task documents hold: _id, userId, agentId, status, priority, priorityRank, prompt, response,
 error, tokensUsed, executionTimeMs, retryCount, metadataJson, createdAt, updatedAt, startedAt,
-completedAt, runAfter, attempt, leaseOwner, leaseExpiresAt.
+completedAt, runAfter, attempt, leaseOwner, leaseExpiresAt, vkey (a place in the fair queue).
 """
 from __future__ import annotations
 
 import abc
 import datetime as dt
+
+from ..quotas import Quota
 
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
 ACTIVE = ("pending", "processing")
@@ -68,6 +70,11 @@ class Store(abc.ABC):
     async def user_by_email(self, email: str) -> dict | None: ...
 
     @abc.abstractmethod
+    async def user_by_email_key(self, key: str) -> dict | None:
+        """The user whose normalised e-mail (`emailKey`, droid/emails.py) is `key`. Users also
+        hold a unique `emailSkeleton`; insert_user's Conflict says which of the two was taken."""
+
+    @abc.abstractmethod
     async def user_by_id(self, user_id: str) -> dict | None: ...
 
     # agents ----------------------------------------------------------------------------------
@@ -93,17 +100,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
-                         limit: int, after: tuple[dt.datetime, str] | None) -> list[dict]:
+                         limit: int, after: tuple[dt.datetime, str] | None,
+                         max_bytes: int | None = None) -> list[dict]:
         """A user's tasks, newest first (createdAt, then _id, descending), strictly after the
-        (createdAt, _id) position `after`, at most `limit`."""
+        (createdAt, _id) position `after`, at most `limit`, and no more once they weigh
+        `max_bytes` (slim.row_size; at least one): a slim.Page, `truncated` when that bound
+        ended it."""
 
     @abc.abstractmethod
     async def claim_task(self, owner: str, now: dt.datetime,
                          lease_until: dt.datetime) -> dict | None:
-        """Atomically take the most urgent (priorityRank desc), oldest (createdAt asc) pending
-        task whose runAfter <= now: status processing, startedAt = updatedAt = now, leaseOwner,
-        leaseExpiresAt = lease_until, attempt + 1. The updated task, or None when none is due.
-        Concurrent callers, in any process, never get the same attempt."""
+        """Atomically take a pending task whose runAfter <= now, fairly between users: the user
+        whose turn it is (the due task with the smallest `vkey`, admit_task's place in the fair
+        queue), and of that user's due tasks the most urgent (priorityRank desc), oldest
+        (createdAt asc), which takes that place. Status processing, startedAt = updatedAt = now,
+        leaseOwner, leaseExpiresAt = lease_until, attempt + 1. The updated task, or None when
+        none is due. Concurrent callers, in any process, never get the same attempt."""
 
     @abc.abstractmethod
     async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime) -> dict | None:
@@ -136,6 +148,22 @@ class Store(abc.ABC):
     async def count_due(self, now: dt.datetime) -> int:
         """Pending tasks whose runAfter <= now (the queue depth)."""
 
+    # quotas (droid/quotas.py) --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def admit_task(self, user_id: str, now_ms: int, size: int, quota: Quota) -> int:
+        """Check the user's quotas for one more task of `size` bytes and count it, in one step
+        (every process sees the same counts); raises quotas.QuotaExceeded. Returns the task's
+        place in the fair queue (`vkey`, see claim_task)."""
+
+    @abc.abstractmethod
+    async def add_stored_bytes(self, user_id: str, size: int) -> None:
+        """Count `size` more bytes stored for the user (an answer)."""
+
+    @abc.abstractmethod
+    async def stored_bytes(self, user_id: str) -> int:
+        """The bytes counted for the user."""
+
     # events ----------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -163,8 +191,12 @@ class Store(abc.ABC):
         return seq
 
     @abc.abstractmethod
-    async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
-        """The user's stored events with seq > after, ascending, at most `limit`."""
+    async def events_after(self, user_id: str, after: int, limit: int,
+                           max_bytes: int | None = None) -> list[dict]:
+        """The user's stored events with seq > after, ascending, at most `limit`, and no more
+        once they weigh `max_bytes` (at least one; a slim.Page, `truncated` when that bound ended
+        it). Envelopes are stored without what their task's row holds (slim.py) and read back
+        whole."""
 
     @abc.abstractmethod
     async def oldest_seq(self, user_id: str) -> int | None:

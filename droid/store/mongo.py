@@ -15,7 +15,10 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from ..errors import Conflict
 from ..util import dumps, loads
 from .base import ACTIVE, STATUSES, Store, StoreUnavailable
+from .mongo_accounts import MongoAccounts
 from .mongo_hooks import MongoHooks
+from .mongo_quotas import MongoQuotas
+from .slim import Page, pack, row_size, task_of, text_size, unpack
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def _reason(exc: PyMongoError) -> str:
     text = str(exc).split(", Timeout:", 1)[0].split(" (configured timeouts", 1)[0]
     return f"{text[:300]} ({type(exc).__name__})"
 
-class MongoStore(MongoHooks, Store):
+class MongoStore(MongoHooks, MongoAccounts, MongoQuotas, Store):
     kind = "mongodb"
 
     def __init__(self, uri: str, db_name: str, **kwargs: int) -> None:
@@ -68,6 +71,8 @@ class MongoStore(MongoHooks, Store):
         self.counters = db["counters"]
         self.idempotency = db["idempotency"]
         await self.users.create_index([("email", ASCENDING)], unique=True, name="email_unique")
+        await self._accounts_indexes()
+        await self._quotas_indexes()
         await self.agents.create_index([("ownerId", ASCENDING), ("createdAt", ASCENDING)],
                                        name="owner_created")
         await self.tasks.create_index([("userId", ASCENDING), ("createdAt", DESCENDING),
@@ -112,12 +117,6 @@ class MongoStore(MongoHooks, Store):
 
     # users -----------------------------------------------------------------------------------
 
-    async def insert_user(self, doc: dict) -> None:
-        try:
-            await self.users.insert_one(dict(doc))
-        except DuplicateKeyError:
-            raise Conflict("Email is already registered") from None
-
     async def user_by_email(self, email: str) -> dict | None:
         return await self.users.find_one({"email": email})
 
@@ -148,7 +147,8 @@ class MongoStore(MongoHooks, Store):
         return await self.tasks.find_one(query)
 
     async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
-                         limit: int, after: tuple[dt.datetime, str] | None) -> list[dict]:
+                         limit: int, after: tuple[dt.datetime, str] | None,
+                         max_bytes: int | None = None) -> list[dict]:
         query: dict = {"userId": user_id}
         if status:
             query["status"] = status
@@ -158,18 +158,25 @@ class MongoStore(MongoHooks, Store):
             created, last_id = after
             query["$or"] = [{"createdAt": {"$lt": created}},
                             {"createdAt": created, "_id": {"$lt": last_id}}]
-        return await self.tasks.find(query).sort(
-            [("createdAt", DESCENDING), ("_id", DESCENDING)]).limit(limit).to_list(None)
+        out, size = Page(), 0
+        cursor = self.tasks.find(query).sort(
+            [("createdAt", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        async for doc in cursor:
+            out.append(doc)
+            size += row_size(doc)
+            if max_bytes and size >= max_bytes:
+                out.truncated = len(out) < limit
+                break
+        await cursor.close()
+        return out
 
     async def claim_task(self, owner: str, now: dt.datetime,
                          lease_until: dt.datetime) -> dict | None:
-        return await self.tasks.find_one_and_update(
-            {"status": "pending", "runAfter": {"$lte": now}},
+        # Users take turns, each user's most urgent first (mongo_quotas.py).
+        return await self._claim_fair(
             {"$set": {"status": "processing", "startedAt": now, "updatedAt": now,
                       "leaseOwner": owner, "leaseExpiresAt": lease_until},
-             "$inc": {"attempt": 1}},
-            sort=[("priorityRank", DESCENDING), ("createdAt", ASCENDING)],
-            return_document=ReturnDocument.AFTER)
+             "$inc": {"attempt": 1}}, now)
 
     async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime) -> dict | None:
         return await self.tasks.find_one_and_update(
@@ -235,20 +242,34 @@ class MongoStore(MongoHooks, Store):
     async def insert_event(self, doc: dict) -> None:
         # The envelope is stored as JSON text: it carries user metadata, whose keys may hold
         # what BSON field names cannot ('\0'), and it is only ever read back whole.
-        stored = {**doc, "envelope": dumps(doc["envelope"]).decode()}
+        stored = {**doc, "envelope": dumps(pack(doc["envelope"])).decode()}
         try:
             await self.events.insert_one(stored)
         except DuplicateKeyError:
             raise Conflict(f"event {doc['seq']} of this user is already stored") from None
 
-    async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
-        docs = await self.events.find({"userId": user_id, "seq": {"$gt": after}},
-                                      {"_id": False}).sort([("seq", ASCENDING)]).limit(
-                                          limit).to_list(None)
-        for doc in docs:
-            if isinstance(doc["envelope"], str):
-                doc["envelope"] = loads(doc["envelope"])
-        return docs
+    async def events_after(self, user_id: str, after: int, limit: int,
+                           max_bytes: int | None = None) -> list[dict]:
+        out, size = Page(), 0
+        cursor = self.events.find({"userId": user_id, "seq": {"$gt": after}},
+                                  {"_id": False}).sort([("seq", ASCENDING)]).limit(limit)
+        async for doc in cursor:
+            text = doc["envelope"]
+            stored = loads(text) if isinstance(text, str) else text
+            task_id = task_of(stored)
+            row = None
+            if task_id is not None:  # put back what the task's row holds (slim.py)
+                row = await self.tasks.find_one(
+                    {"_id": task_id}, {"prompt": True, "metadataJson": True, "response": True})
+                row = {k: v for k, v in (row or {}).items() if k != "_id"} or None
+            doc["envelope"] = unpack(stored, row)
+            out.append(doc)
+            size += text_size(text if isinstance(text, str) else "", *(row or {}).values())
+            if max_bytes and size >= max_bytes:
+                out.truncated = True
+                break
+        await cursor.close()
+        return out
 
     async def oldest_seq(self, user_id: str) -> int | None:
         doc = await self.events.find_one({"userId": user_id}, sort=[("seq", ASCENDING)])

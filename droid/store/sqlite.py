@@ -25,7 +25,10 @@ from typing import Any, Callable, TypeVar
 from ..errors import Conflict
 from ..util import dumps, loads
 from .base import ACTIVE, STATUSES, Store, StoreUnavailable
+from .slim import Page, pack, row_size, task_of, text_size, unpack
+from .sqlite_accounts import SqliteAccounts
 from .sqlite_hooks import HOOKS_SCHEMA, SqliteHooks
+from .sqlite_quotas import SqliteQuotas
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,8 +55,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempt INTEGER NOT NULL DEFAULT 0, leaseOwner TEXT, leaseExpiresAt INTEGER);
 CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (userId, createdAt DESC, id DESC);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, runAfter);
-CREATE INDEX IF NOT EXISTS tasks_claim ON tasks (priorityRank DESC, createdAt)
-    WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (leaseExpiresAt) WHERE status = 'processing';
 CREATE TABLE IF NOT EXISTS counters (userId TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
@@ -70,9 +71,10 @@ _DATES = frozenset(("createdAt", "updatedAt", "startedAt", "completedAt", "runAf
 _TASK_COLUMNS = frozenset((
     "userId", "agentId", "status", "priority", "priorityRank", "prompt", "response", "error",
     "tokensUsed", "executionTimeMs", "retryCount", "metadataJson", "createdAt", "updatedAt",
-    "startedAt", "completedAt", "runAfter", "attempt", "leaseOwner", "leaseExpiresAt"))
+    "startedAt", "completedAt", "runAfter", "attempt", "leaseOwner", "leaseExpiresAt", "vkey"))
 _COLUMNS = {
-    "users": frozenset(("email", "name", "passwordHash", "createdAt")),
+    "users": frozenset(("email", "name", "passwordHash", "createdAt", "emailKey",
+                        "emailSkeleton")),
     "agents": frozenset(("name", "model", "systemPrompt", "description", "ownerId", "createdAt")),
     "tasks": _TASK_COLUMNS,
 }
@@ -179,7 +181,7 @@ def _fail(answer: asyncio.Future, exc: BaseException) -> None:
         answer.set_exception(exc)
 
 
-class SqliteStore(SqliteHooks, Store):
+class SqliteStore(SqliteHooks, SqliteAccounts, SqliteQuotas, Store):
     kind = "sqlite"
 
     def __init__(self, path: str, **kwargs: int) -> None:
@@ -232,6 +234,8 @@ class SqliteStore(SqliteHooks, Store):
             # transactions, never the file's consistency.
             conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA + HOOKS_SCHEMA)
+        self._accounts_schema(conn)
+        self._quotas_schema(conn)
         self._conn = conn
 
     async def close(self) -> None:
@@ -301,10 +305,7 @@ class SqliteStore(SqliteHooks, Store):
     # users -----------------------------------------------------------------------------------
 
     async def insert_user(self, doc: dict) -> None:
-        try:
-            await self._run(self._insert, "users", doc)
-        except sqlite3.IntegrityError:
-            raise Conflict("Email is already registered") from None
+        await self._run(self._insert_user, doc)
 
     async def user_by_email(self, email: str) -> dict | None:
         return await self._run(self._one, "SELECT * FROM users WHERE email = ?", (email,))
@@ -337,7 +338,8 @@ class SqliteStore(SqliteHooks, Store):
                                (task_id, user_id))
 
     async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
-                         limit: int, after: tuple[dt.datetime, str] | None) -> list[dict]:
+                         limit: int, after: tuple[dt.datetime, str] | None,
+                         max_bytes: int | None = None) -> list[dict]:
         where, args = ["userId = ?"], [user_id]
         if status:
             where.append("status = ?")
@@ -351,21 +353,25 @@ class SqliteStore(SqliteHooks, Store):
             args += [to_ms(created), to_ms(created), last_id]
         sql = (f"SELECT * FROM tasks WHERE {' AND '.join(where)} "
                "ORDER BY createdAt DESC, id DESC LIMIT ?")
-        return await self._run(self._all, sql, (*args, limit))
+
+        def run() -> Page:
+            out, size = Page(), 0
+            cur = self._conn.execute(sql, (*args, limit))
+            for row in cur:
+                out.append(doc := _doc(cur, row))
+                size += row_size(doc)
+                if max_bytes and size >= max_bytes:
+                    out.truncated = len(out) < limit
+                    break
+            return out
+
+        return await self._run(run)
 
     async def claim_task(self, owner: str, now: dt.datetime,
                          lease_until: dt.datetime) -> dict | None:
-        ms = to_ms(now)
-        # One statement: SQLite holds the write lock from the choice to the change. The partial
-        # index walks pending tasks in claim order, so a long backlog is not sorted per claim.
-        return await self._run(self._one, """
-            UPDATE tasks SET status = 'processing', startedAt = ?1, updatedAt = ?1,
-                             leaseOwner = ?2, leaseExpiresAt = ?3, attempt = attempt + 1
-            WHERE id = (SELECT id FROM tasks INDEXED BY tasks_claim
-                        WHERE status = 'pending' AND runAfter <= ?1
-                        ORDER BY priorityRank DESC, createdAt LIMIT 1)
-              AND status = 'pending'
-            RETURNING *""", (ms, owner, to_ms(lease_until)))
+        # One transaction (sqlite_quotas.py): users take turns, each user's most urgent first.
+        claimed = await self._run(self._claim_fair, to_ms(now), owner, to_ms(lease_until))
+        return None if claimed is None else _doc(*claimed)
 
     async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime) -> dict | None:
         ms = to_ms(now)
@@ -439,7 +445,7 @@ class SqliteStore(SqliteHooks, Store):
         return await self._run(run)
 
     async def insert_event(self, doc: dict) -> None:
-        row = (doc["userId"], doc["seq"], doc["event"], dumps(doc["envelope"]).decode(),
+        row = (doc["userId"], doc["seq"], doc["event"], dumps(pack(doc["envelope"])).decode(),
                to_ms(doc["createdAt"]))
         try:
             await self._run(self._conn.execute,
@@ -465,7 +471,7 @@ class SqliteStore(SqliteHooks, Store):
                 envelope["seq"] = seq
                 conn.execute("INSERT INTO events (userId, seq, event, envelope, createdAt) "
                              "VALUES (?, ?, ?, ?, ?)",
-                             (user_id, seq, event, dumps(envelope).decode(), created))
+                             (user_id, seq, event, dumps(pack(envelope)).decode(), created))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -478,13 +484,27 @@ class SqliteStore(SqliteHooks, Store):
         except sqlite3.IntegrityError:
             raise Conflict("an event of this user with the next seq is already stored") from None
 
-    async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
+    async def events_after(self, user_id: str, after: int, limit: int,
+                           max_bytes: int | None = None) -> list[dict]:
         def run() -> list[dict]:
+            out, size = Page(), 0
             rows = self._conn.execute(
                 "SELECT seq, event, envelope, createdAt FROM events WHERE userId = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?", (user_id, after, limit)).fetchall()
-            return [{"userId": user_id, "seq": seq, "event": event, "envelope": loads(envelope),
-                     "createdAt": from_ms(created)} for seq, event, envelope, created in rows]
+                "ORDER BY seq LIMIT ?", (user_id, after, limit))
+            for seq, event, envelope, created in rows:
+                stored = loads(envelope)
+                task_id = task_of(stored)
+                row = None
+                if task_id is not None:  # put back what the task's row holds (slim.py)
+                    row = self._one("SELECT prompt, metadataJson, response FROM tasks "
+                                    "WHERE id = ?", (task_id,))
+                out.append({"userId": user_id, "seq": seq, "event": event,
+                            "envelope": unpack(stored, row), "createdAt": from_ms(created)})
+                size += text_size(envelope, *(row or {}).values())
+                if max_bytes and size >= max_bytes:
+                    out.truncated = True
+                    break
+            return out
 
         return await self._run(run)
 
