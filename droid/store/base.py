@@ -158,7 +158,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def add_stored_bytes(self, user_id: str, size: int) -> None:
-        """Count `size` more bytes stored for the user (an answer)."""
+        """Count `size` more bytes stored for the user (an answer), or fewer when negative (a
+        replayed Idempotency-Key: admit_task counted a task that was not stored)."""
 
     @abc.abstractmethod
     async def stored_bytes(self, user_id: str) -> int:

@@ -177,11 +177,11 @@ class TaskService:
         now = utcnow()
         task_id = new_id()
         metadata_json = dumps(metadata).decode() if metadata is not None else None
+        size = task_size(prompt, metadata_json)
         # Counted against the user's quotas first (a replayed Idempotency-Key is refused too
         # while a quota refuses: its client retries after Retry-After and gets its task).
         try:
-            vkey = await self.store.admit_task(user_id, to_ms(now),
-                                               task_size(prompt, metadata_json), self.quota)
+            vkey = await self.store.admit_task(user_id, to_ms(now), size, self.quota)
         except QuotaExceeded as exc:
             if exc.rule == "per-minute":
                 self._remember_full(user_id, exc.retry_after or 1)
@@ -189,6 +189,9 @@ class TaskService:
         if idempotency_key is not None:
             first = await self._claim_key(user_id, idempotency_key, task_id, now)
             if first != task_id:
+                # A replay stores nothing: its bytes go back (the Python client sends a key with
+                # every task and replays it after a lost answer). It still counts in its minute.
+                await self.store.add_stored_bytes(user_id, -size)
                 return await self._await_task(user_id, first), False
         doc = {"_id": task_id, "userId": user_id, "agentId": agent_id, "status": "pending",
                "priority": priority, "priorityRank": PRIORITY_RANK[priority], "prompt": prompt,
