@@ -30,6 +30,7 @@ from .http.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHa
 from .http.webhooks import (DeliveriesHandler, RetryDeliveryHandler, RotateSecretHandler,
                             SendTestHandler, WebhookHandler, WebhooksHandler)
 from .metrics import Metrics
+from .quotas import Quota
 from .realtime.endpoint import MAX_PACKET, Realtime
 from .realtime.wire import NAMESPACE
 from .store import Store, store_from_config
@@ -126,6 +127,7 @@ class Droid:
             await self.server.close_all_connections()
         if self.redis is not None:
             await self.redis.aclose()
+        self.application.settings["passwords"].close()
         if self.owns_store:
             await self.store.close()
 
@@ -157,18 +159,26 @@ async def make_app(config: Config, *, store: Store | None = None, provider: Any 
     webhooks = Webhooks(config, store, publisher=events, metrics=metrics,
                         notify=realtime.notify)
     tasks = TaskService(store, events, max_retries=config.task_max_retries,
-                        retry_backoff_s=config.retry_backoff_s)
+                        retry_backoff_s=config.retry_backoff_s,
+                        quota=Quota(config.quota_tasks_per_minute, config.quota_pending_tasks,
+                                    config.quota_stored_bytes),
+                        max_page_bytes=config.max_page_bytes)
     agents = AgentService(store, default_model=config.llm_model)
     if provider is None:
         provider = make_provider(base_url=config.llm_base_url, api_key=config.llm_api_key,
                                  model=config.llm_model, timeout_s=config.llm_timeout_s,
+                                 max_answer_bytes=config.llm_max_answer_bytes,
+                                 max_tokens=config.llm_max_tokens,
                                  demo_delay_s=config.demo_delay_s)
     worker = Worker(tasks, agents, provider, concurrency=config.worker_concurrency,
                     timeout_s=config.task_timeout_s, lease_s=config.lease_s,
                     owner=config.instance_id, metrics=metrics,
-                    shutdown_grace_s=config.shutdown_grace_s)
+                    shutdown_grace_s=config.shutdown_grace_s,
+                    retry_after_max_s=config.llm_retry_after_max_s)
+    passwords = Passwords(config.argon2_concurrency, config.argon2_queue)
+    log.info("%s (DROID_ARGON2_CONCURRENCY, DROID_ARGON2_QUEUE)", passwords.describe())
     settings: dict[str, Any] = dict(
-        config=config, store=store, tokens=tokens, passwords=Passwords(), task_service=tasks,
+        config=config, store=store, tokens=tokens, passwords=passwords, task_service=tasks,
         agent_service=agents, events_service=events, metrics=metrics, origins=origins,
         socket_count=realtime.socket_count, version=__version__,
         openapi=build_openapi(__version__), static_path=static_path(),

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import math
+import os
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jwt
 from argon2 import PasswordHasher
@@ -14,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import Config, ConfigError
+from .errors import Busy
+
+T = TypeVar("T")
 
 
 class AuthError(Exception):
@@ -41,16 +47,47 @@ class Identity:
 
 
 class Passwords:
-    """argon2id hashing, run off the event loop (it is deliberately slow)."""
+    """argon2id hashing, off the event loop (it is deliberately slow), bounded overall.
 
-    def __init__(self) -> None:
+    At most `concurrency` hashes or verifications run at once, in threads of their own (never
+    the loop's default executor) at a lower priority than the loop's (ARGON2_NICE), and at most
+    `queue` more wait for one; beyond that the call
+    raises errors.Busy at once (a 503 with Retry-After), so that a flood of logins from many
+    addresses costs at most `concurrency` cores and `concurrency` x `memory_kib` of memory
+    (argon2-cffi's memory_cost per hash: 64 MiB by default), and a real user waits at most a
+    queue's worth of hashes or gets a fast answer.
+    """
+
+    def __init__(self, concurrency: int = 2, queue: int = 16) -> None:
         self._hasher = PasswordHasher()
+        self.concurrency = concurrency
+        self.queue = queue
+        self.memory_kib = self._hasher.memory_cost
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            concurrency, thread_name_prefix="droid-argon2", initializer=_lower_priority)
+        self.running = 0  # calls running or waiting for a thread
+        self.refused = 0
         # A fixed hash to verify against when the e-mail is unknown, so that timing does not
         # tell which e-mails are registered.
         self._dummy = self._hasher.hash("droid-dummy-password")
 
+    def describe(self) -> str:
+        mib = self.memory_kib / 1024
+        return (f"argon2: {self.concurrency} at once ({mib:g} MiB each, up to "
+                f"{mib * self.concurrency:g} MiB), {self.queue} more may wait")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.running >= self.concurrency + self.queue:
+            self.refused += 1
+            raise Busy("Too many logins and registrations at once; retry in a second", 1)
+        self.running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self.running -= 1
+
     async def hash(self, password: str) -> str:
-        return await asyncio.get_running_loop().run_in_executor(None, self._hasher.hash, password)
+        return await self._run(self._hasher.hash, password)
 
     async def verify(self, hashed: str | None, password: str) -> bool:
         def check() -> bool:
@@ -58,7 +95,23 @@ class Passwords:
                 return self._hasher.verify(hashed or self._dummy, password) and hashed is not None
             except (VerificationError, InvalidHashError):
                 return False
-        return await asyncio.get_running_loop().run_in_executor(None, check)
+        return await self._run(check)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+ARGON2_NICE = 10
+
+
+def _lower_priority() -> None:
+    """An argon2 thread yields the CPU to the event loop's: under a flood of logins the loop
+    still answers everything else (Linux sets a nice value per thread; elsewhere nothing)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + ARGON2_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class Tokens:

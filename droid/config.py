@@ -75,6 +75,16 @@ class Config:
     webhook_timeout_s: float = 15.0
     webhook_disable_after_s: float = 5 * 86400.0
     webhook_concurrency: int = 8
+    # Issue 22: quotas per user (0: none), pages, argon2 work, LLM answers (README "Limits").
+    quota_tasks_per_minute: int = 600
+    quota_pending_tasks: int = 1000
+    quota_stored_bytes: int = 1024 ** 3
+    max_page_bytes: int = 1024 * 1024
+    argon2_concurrency: int = 2
+    argon2_queue: int = 16
+    llm_max_answer_bytes: int = 1024 * 1024
+    llm_max_tokens: int | None = None
+    llm_retry_after_max_s: float = 600.0
     instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
 
     @property
@@ -283,6 +293,15 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         webhook_timeout_s=_float(env, "DROID_WEBHOOK_TIMEOUT_S", 15.0, 0.1),
         webhook_disable_after_s=_float(env, "DROID_WEBHOOK_DISABLE_AFTER_S", 5 * 86400.0, 1.0),
         webhook_concurrency=_int(env, "DROID_WEBHOOK_CONCURRENCY", 8, 0, 256),
+        quota_tasks_per_minute=_int(env, "DROID_QUOTA_TASKS_PER_MINUTE", 600, 0),
+        quota_pending_tasks=_int(env, "DROID_QUOTA_PENDING_TASKS", 1000, 0),
+        quota_stored_bytes=_int(env, "DROID_QUOTA_STORED_BYTES", 1024 ** 3, 0),
+        max_page_bytes=_int(env, "DROID_MAX_PAGE_BYTES", 1024 * 1024, 64 * 1024),
+        argon2_concurrency=_int(env, "DROID_ARGON2_CONCURRENCY", 2, 1, 64),
+        argon2_queue=_int(env, "DROID_ARGON2_QUEUE", 16, 0, 10000),
+        llm_max_answer_bytes=_int(env, "LLM_MAX_ANSWER_BYTES", 1024 * 1024, 1024),
+        llm_max_tokens=_int(env, "LLM_MAX_TOKENS", 0, 1) if _opt(env, "LLM_MAX_TOKENS") else None,
+        llm_retry_after_max_s=_float(env, "LLM_RETRY_AFTER_MAX_S", 600.0),
     )
 
 

@@ -53,3 +53,12 @@ class PayloadTooLarge(ApiError):
 
 class Unavailable(ApiError):
     status = 503
+
+
+class Busy(Unavailable):
+    """503 with the seconds after which to try again (`Retry-After`): a bounded resource, such
+    as the argon2 work of logins, is taken."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

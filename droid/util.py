@@ -21,6 +21,11 @@ def utcnow() -> dt.datetime:
     return _EPOCH + dt.timedelta(milliseconds=time.time_ns() // 1_000_000)
 
 
+def to_ms(value: dt.datetime) -> int:
+    """A naive UTC datetime as milliseconds since the epoch."""
+    return (value - _EPOCH) // dt.timedelta(milliseconds=1)
+
+
 def iso(value: dt.datetime | None) -> str | None:
     """Format like JavaScript's Date.toISOString(): 2024-01-01T00:00:00.000Z."""
     if value is None:

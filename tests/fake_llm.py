@@ -30,7 +30,15 @@ that one request):
     reset             close the connection without any answer
     errorNNN          HTTP NNN with an OpenAI-style error body, e.g. error500, error429, error400;
                       the message echoes the request's Authorization header (to prove scrubbing),
-                      or is `Step.answer` when given
+                      or is `Step.answer` when given; a 429 says `Retry-After: 1` unless
+                      `Step.headers` says otherwise
+    stream_big        SSE of `Step.size` bytes of answer in 64 KiB pieces (made as they are sent)
+    json_big          200 application/json of `Step.size` bytes (a padding field), sent in 1 MiB
+                      pieces, as long as the client reads
+    redirect          307 to `Step.location` (the same path on another server, say)
+
+`Step.headers` are added to that answer. Every request records `sent_bytes`, the body bytes the
+fake wrote (for the big ones: how much the client took before it hung up).
 
 Each `ReceivedRequest` has `ended` (an asyncio.Event set when the fake is done with the request)
 and `outcome`: "answered", or "client_left" when the client closed the connection first;
@@ -84,6 +92,9 @@ class Step:
     chunk_delay_s: float | None = None
     usage: dict[str, int] | None = None
     chunks: list[str] | None = None
+    size: int = 0
+    headers: dict[str, str] | None = None
+    location: str | None = None
 
 
 @dataclasses.dataclass
@@ -97,6 +108,8 @@ class ReceivedRequest:
     raw: bytes
     behaviour: str
     outcome: str = "pending"
+    sent_bytes: int = 0
+    at: float = dataclasses.field(default_factory=time.monotonic)  # when it arrived
     ended: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     connection: IOStream | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -271,6 +284,10 @@ class _CompletionsHandler(RequestHandler):
             headers=dict(self.request.headers.get_all()), body=body, raw=self.request.body,
             behaviour=step.kind, connection=getattr(self.request.connection, "stream", None))
         await self.fake._record(received)
+        self.received = received
+        self.step = step
+        for name, value in (step.headers or {}).items():
+            self.set_header(name, value)
         try:
             await self._behave(step, body)
             received.outcome = "client_left" if self.left.is_set() else "answered"
@@ -302,6 +319,11 @@ class _CompletionsHandler(RequestHandler):
             self.write(b"<html><body>Hello</body></html>")
         elif kind == "reset":
             self.detach().close()
+        elif kind == "json_big":
+            await self._json_big(step.size)
+        elif kind == "redirect":
+            self.set_status(307)
+            self.set_header("Location", step.location or "/")
         else:
             raise ValueError(f"FakeLLM: unknown behaviour {kind!r}")
 
@@ -322,7 +344,7 @@ class _CompletionsHandler(RequestHandler):
     def _error(self, status: int, message: str | None) -> None:
         auth = self.request.headers.get("Authorization", "(none)")
         self.set_status(status, _STATUS_TEXT.get(status, "Error"))
-        if status == 429:
+        if status == 429 and "Retry-After" not in (self.step.headers or {}):
             self.set_header("Retry-After", "1")
         self.write({"error": {
             "message": message or f"Fake failure {status} (request had Authorization: {auth})",
@@ -352,8 +374,7 @@ class _CompletionsHandler(RequestHandler):
 
         async def send(payload: Any) -> None:
             data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-            self.write(b"data: " + data + b"\n\n")
-            await self.flush()
+            await self._send(b"data: " + data + b"\n\n")
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
             return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -362,6 +383,12 @@ class _CompletionsHandler(RequestHandler):
             await send({"error": {"message": "Fake stream failure", "type": "server_error"}})
             return
         await send(chunk({"role": "assistant", "content": ""}))
+        if kind == "stream_big":
+            piece, sent = "x" * (64 * 1024), 0
+            while sent < step.size and not self.left.is_set():
+                await send(chunk({"content": piece}))
+                sent += len(piece)
+            pieces = []
         if kind == "stream_empty":
             pieces = []
         for index, piece in enumerate(pieces):
@@ -383,6 +410,21 @@ class _CompletionsHandler(RequestHandler):
             await send({**base, "choices": [], "usage": usage})
         if kind != "stream_no_done":
             await send(b"[DONE]")
+
+    async def _json_big(self, size: int) -> None:
+        self.set_header("Content-Type", "application/json")
+        piece = b" " * (1024 * 1024)
+        await self._send(b'{"id": "chatcmpl-big", "choices": [], "padding": "')
+        sent = 0
+        while sent < size and not self.left.is_set():
+            await self._send(piece)
+            sent += len(piece)
+        await self._send(b'"}')
+
+    async def _send(self, data: bytes) -> None:
+        self.write(data)
+        self.received.sent_bytes += len(data)
+        await self.flush()
 
     async def _hold(self) -> None:
         """Wait until the client leaves or the test releases (or stops) the fake."""

@@ -35,13 +35,15 @@ import pytest_asyncio
 from pymongo import AsyncMongoClient
 
 import mongo_server
+from droid.emails import normalise, with_forms
 from droid.errors import Conflict
+from droid.quotas import Quota, QuotaExceeded
 from droid.store import PRIORITY_RANK, STATUSES, Change, Store, StoreFailing
 from droid.store.base import MAX_ATTEMPTS_KEPT
 from droid.store.envelopes import envelope_of, event_data, state_of, task_json
 from droid.store.mongo import MongoStore
 from droid.store.sqlite import SqliteStore
-from droid.util import dumps, utcnow
+from droid.util import dumps, to_ms, utcnow
 from redis_server import die_with_parent
 
 pytestmark = pytest.mark.asyncio
@@ -133,8 +135,10 @@ def new_id() -> str:
 
 
 def user_doc(email: str | None = None, **over) -> dict:
-    return {"_id": new_id(), "email": email or f"u-{uuid.uuid4().hex[:8]}@example.com",
-            "name": None, "passwordHash": "$argon2id$v=19$fake", "createdAt": utcnow(), **over}
+    """A user as the store keeps one (with its normalised e-mail, droid/emails.py)."""
+    return with_forms({
+        "_id": new_id(), "email": email or f"u-{uuid.uuid4().hex[:8]}@example.com",
+        "name": None, "passwordHash": "$argon2id$v=19$fake", "createdAt": utcnow(), **over})
 
 
 def task_doc(user_id: str, *, created: dt.datetime | None = None, priority: str = "normal",
@@ -146,17 +150,19 @@ def task_doc(user_id: str, *, created: dt.datetime | None = None, priority: str 
             "response": None, "error": None, "tokensUsed": None, "executionTimeMs": None,
             "retryCount": 0, "metadataJson": None, "createdAt": created, "updatedAt": created,
             "startedAt": None, "completedAt": None, "runAfter": created, "attempt": 0,
-            "leaseOwner": None, "leaseExpiresAt": None, **over}
+            "leaseOwner": None, "leaseExpiresAt": None, "vkey": None, **over}
 
 
 def event_doc(user_id: str, seq: int, created: dt.datetime | None = None) -> dict:
     created = created or utcnow()
-    envelope = {"event": "task.created", "seq": seq, "timestamp": "2026-01-01T00:00:00.000Z",
+    # Not task.created or task.completed: those are stored without what their task's row holds
+    # (droid/store/slim.py), and this one has no task.
+    envelope = {"event": "task.failed", "seq": seq, "timestamp": "2026-01-01T00:00:00.000Z",
                 "data": {"taskId": f"t{seq}", "text": "ünïcødé ✓", "n": [1, 2.5, None, True],
                          "nested": {"empty": {}, "none": None},
                          # User metadata: keys a BSON field name cannot be, stored all the same.
                          "metadata": {"a.b": 1, "$set": {"x": 2}, "nul\x00key": "v", "": 0}}}
-    return {"userId": user_id, "seq": seq, "event": "task.created", "envelope": envelope,
+    return {"userId": user_id, "seq": seq, "event": "task.failed", "envelope": envelope,
             "createdAt": created}
 
 
@@ -249,6 +255,26 @@ async def test_duplicate_email_is_a_conflict_and_keeps_the_first_user(store: Sto
         await store.insert_user(second)
     assert await store.user_by_email("same@example.com") == first
     assert await store.user_by_id(second["_id"]) is None
+
+
+async def test_users_by_their_normalised_email_and_look_alikes_refused(store: Store) -> None:
+    user = user_doc("Ada@Example.com".lower())
+    await store.insert_user(user)
+    assert await store.user_by_email_key(normalise("ADA@example.com").key) == user
+    assert await store.user_by_email_key("nobody@example.com") is None
+    for email, message in (("\uff41da@example.com", "Email is already registered"),
+                           ("\u0430da@example.com",
+                            "Email looks like an address that is already registered")):
+        with pytest.raises(Conflict) as refused:
+            await store.insert_user(user_doc(email))
+        assert refused.value.message == message
+    # A user given without its forms gets them (so two such users never collide on a null).
+    bare = {"_id": new_id(), "email": "bare@example.com", "name": None, "passwordHash": "x",
+            "createdAt": utcnow()}
+    other = {**bare, "_id": new_id(), "email": "other@example.com"}
+    await store.insert_user(bare)
+    await store.insert_user(other)
+    assert (await store.user_by_email_key("other@example.com"))["_id"] == other["_id"]
 
 
 # agents ------------------------------------------------------------------------------------
@@ -749,7 +775,7 @@ async def test_append_event_numbers_and_stores_in_one_call(store: Store) -> None
     for n in range(3):
         doc = event_doc(alice, 0)
         envelope = {**doc["envelope"], "seq": None}
-        assert await store.append_event(alice, "task.created", envelope, doc["createdAt"]) \
+        assert await store.append_event(alice, "task.failed", envelope, doc["createdAt"]) \
             == n + 2
         assert envelope["seq"] == n + 2
         stored.append({**doc, "seq": n + 2, "envelope": envelope})
@@ -1536,3 +1562,195 @@ async def test_deliveries_page_newest_first_by_status_and_expiry(backend: Backen
     # Finished and older than the retention: gone. Pending ones stay whatever their age.
     assert sorted(d["_id"] for d in left) == sorted(
         d["_id"] for i, d in enumerate(docs) if i >= 6 or d["status"] == "pending")
+
+
+# quotas and fair claims (droid/quotas.py) ----------------------------------------------------
+
+
+async def test_admit_task_counts_and_refuses_by_each_quota(store: Store) -> None:
+    from droid.quotas import Quota, QuotaExceeded
+
+    user, now = new_id(), utcnow()
+    ms = to_ms(now)
+    quota = Quota(tasks_per_minute=3, pending_tasks=0, stored_bytes=1000)
+    keys = [await store.admit_task(user, ms + n, 100, quota) for n in range(3)]
+    assert keys == sorted(keys) and len(set(keys)) == 3
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.admit_task(user, ms + 10, 100, quota)
+    assert refused.value.status == 429 and 1 <= refused.value.retry_after <= 60
+    assert await store.admit_task(user, ms + 60_001, 100, quota)  # the next minute
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.admit_task(user, ms + 60_002, 700, quota)
+    assert refused.value.status == 413 and refused.value.retry_after is None
+    assert await store.stored_bytes(user) == 400
+    await store.add_stored_bytes(user, 50)
+    assert await store.stored_bytes(user) == 450
+    pending = Quota(tasks_per_minute=0, pending_tasks=2, stored_bytes=0)
+    other = new_id()
+    for _ in range(2):
+        await store.insert_task(task_doc(other, vkey=await store.admit_task(other, ms, 1,
+                                                                           pending)))
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.admit_task(other, ms, 1, pending)
+    assert refused.value.status == 429 and refused.value.retry_after == 5
+
+
+async def test_claims_take_turns_between_users_and_keep_priority_within_one(store: Store) -> None:
+    from droid.quotas import Quota
+
+    quota, base = Quota(0, 0, 0), utcnow() - secs(60)
+    hog, late = new_id(), new_id()
+
+    async def create(user: str, n: int, priority: str = "normal") -> dict:
+        created = base + dt.timedelta(milliseconds=n)
+        doc = task_doc(user, created=created, priority=priority,
+                       vkey=await store.admit_task(user, to_ms(created), 1, quota))
+        await store.insert_task(doc)
+        return doc
+
+    hogs = [await create(hog, n) for n in range(6)]
+    mine_low = await create(late, 10, "low")
+    mine_urgent = await create(late, 11, "urgent")
+    now = utcnow()
+    order = []
+    while (doc := await store.claim_task("w", now, now + secs(30))) is not None:
+        order.append(doc["_id"])
+    # The late user's two tasks run within the hog's first turns, its urgent one first.
+    assert order.index(mine_urgent["_id"]) < order.index(mine_low["_id"]) <= 4
+    assert [i for i in order if i in {h["_id"] for h in hogs}] == [h["_id"] for h in hogs]
+
+
+# where quotas, fair claims and webhooks meet the write of a change (issues 19, 22, 23) ---------
+
+
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_an_insert_admits_its_task_and_a_refused_one_stores_nothing(
+        backend: Backend) -> None:
+    store = await backend.open()
+    alice, now = new_id(), utcnow()
+    quota = Quota(tasks_per_minute=2, pending_tasks=0, stored_bytes=0)
+    docs = [task_doc(alice, created=now) for _ in range(3)]
+    changes = [Change("task.created", now) for _ in docs]
+    for doc, change in zip(docs[:2], changes):
+        assert await store.insert_task(doc, change, quota=quota, size=10) == doc
+    assert docs[0]["vkey"] < docs[1]["vkey"]
+    assert [t["vkey"] for t in [await store.task_by_id(d["_id"]) for d in docs[:2]]] == \
+        [docs[0]["vkey"], docs[1]["vkey"]]
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.insert_task(docs[2], changes[2], key="k", key_since=EPOCH_2000, quota=quota,
+                                size=10)
+    assert refused.value.status == 429
+    # Nothing of it: no task, no envelope, no key, no bytes.
+    assert await store.task_by_id(docs[2]["_id"]) is None and changes[2].envelope is None
+    assert [e["seq"] for e in await store.events_after(alice, 0, 10)] == [1, 2]
+    assert await store.stored_bytes(alice) == 20
+
+    # A replayed key stores nothing and gives its bytes back (it counts in its minute).
+    bob = new_id()
+    free = Quota(tasks_per_minute=0, pending_tasks=0, stored_bytes=1000)
+    first = task_doc(bob, created=now)
+    assert await store.insert_task(first, Change("task.created", now), key="k",
+                                   key_since=EPOCH_2000, quota=free, size=100) == first
+    replay = Change("task.created", now)
+    assert strip(await store.insert_task(task_doc(bob, created=now), replay, key="k",
+                                         key_since=EPOCH_2000, quota=free, size=100)) == \
+        strip(await store.task_by_id(first["_id"]))
+    assert replay.envelope is None and await store.last_seq(bob) == 1
+    assert await store.stored_bytes(bob) == 100
+
+
+async def test_sqlite_an_insert_that_fails_counts_nothing_against_the_quotas(tmp_path) -> None:
+    """On SQLite the admission is in the insert's transaction: a failed insert leaves no count
+    (with the admission a step of its own, the minute's count and the bytes stayed)."""
+    store = SqliteStore(str(tmp_path / "droid.sqlite3"))
+    await store.open()
+    try:
+        alice, now = new_id(), utcnow()
+        quota = Quota(tasks_per_minute=1, pending_tasks=0, stored_bytes=0)
+        doc = task_doc(alice, created=now)
+        await store.insert_task(doc)  # stored without admission: its id is taken
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.insert_task(dict(doc), Change("task.created", now), quota=quota, size=7)
+        assert await store.stored_bytes(alice) == 0
+        assert await store.last_seq(alice) == 0
+        # The minute's one task is still to be had.
+        assert await store.insert_task(task_doc(alice, created=now), quota=quota, size=7)
+        assert await store.stored_bytes(alice) == 7
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_an_answer_is_counted_with_the_change_that_stores_it(backend: Backend) -> None:
+    store = await backend.open()
+    alice, now = new_id(), utcnow()
+    doc = task_doc(alice, created=now - secs(1))
+    await store.insert_task(doc, Change("task.created", now - secs(1)),
+                            quota=Quota(0, 0, 0), size=5)
+    running = await store.claim_task("w", now, now + secs(30), Change("task.processing", now))
+    done = Change("task.completed", now)
+    fields = {"status": "completed", "response": "hello", "completedAt": now, "updatedAt": now,
+              "leaseOwner": None, "leaseExpiresAt": None}
+    assert await store.update_attempt(doc["_id"], running["attempt"], fields, change=done,
+                                      stored_bytes=5)
+    assert done.envelope["seq"] == 3 and await store.stored_bytes(alice) == 10
+    # An attempt no longer current changes nothing and counts nothing.
+    stale = Change("task.completed", now)
+    assert await store.update_attempt(doc["_id"], running["attempt"], fields, change=stale,
+                                      stored_bytes=5) is None
+    assert stale.envelope is None and await store.stored_bytes(alice) == 10
+
+
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_fair_claims_store_their_envelopes(backend: Backend) -> None:
+    store = await backend.open()
+    hog, late, base = new_id(), new_id(), utcnow() - secs(60)
+    quota = Quota(0, 0, 0)
+    made = []
+    for n, user in enumerate([hog] * 4 + [late]):
+        at = base + dt.timedelta(milliseconds=n)
+        doc = task_doc(user, created=at)
+        await store.insert_task(doc, Change("task.created", at), quota=quota, size=1)
+        made.append(doc)
+    now = utcnow()
+    claimed = []
+    while True:
+        change = Change("task.processing", now)
+        doc = await store.claim_task("w", now, now + secs(30), change)
+        if doc is None:
+            assert change.envelope is None
+            break
+        assert change.envelope["event"] == "task.processing"
+        assert change.envelope["data"]["taskId"] == doc["_id"]
+        claimed.append(doc["_id"])
+    assert sorted(claimed) == sorted(d["_id"] for d in made)
+    assert claimed.index(made[-1]["_id"]) <= 2  # the late user's turn comes early
+    # Each task's last stored envelope is its state, and seqs have no hole.
+    for user in (hog, late):
+        events = await store.events_after(user, 0, 50)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        last = {e["envelope"]["data"]["taskId"]: e["envelope"] for e in events}
+        for task_id, envelope in last.items():
+            assert state_of(envelope) == (await store.task_by_id(task_id))["status"]
+
+
+@pytest.mark.parametrize("backend", WRITES, indirect=True)
+async def test_webhooks_behind_follows_the_envelopes_of_task_changes(backend: Backend) -> None:
+    """What the webhook sweep reads (SQLite: the trigger on the event log; MongoDB: the users'
+    counters) follows envelopes written with their task's change, on every write path."""
+    store = await backend.open()
+    alice, now = new_id(), utcnow()
+    hook = webhook_doc(alice)
+    await store.insert_webhook(hook, 10)
+    doc = task_doc(alice, created=now)
+    created = Change("task.created", now)
+    await store.insert_task(doc, created)
+    assert [d["_id"] for d in await store.webhooks_behind()] == [hook["_id"]]
+    assert await store.advance_webhook(hook["_id"], 0, created.envelope["seq"], [])
+    assert await store.webhooks_behind() == []
+    claimed = Change("task.processing", now)
+    await store.claim_task("w", now, now + secs(30), claimed)
+    assert [d["_id"] for d in await store.webhooks_behind()] == [hook["_id"]]
+    events = await store.events_after(alice, 0, 10)
+    assert [e["envelope"] for e in events] == [created.envelope, claimed.envelope]
+

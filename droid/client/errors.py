@@ -83,7 +83,8 @@ class Conflict(ApiError):
 
 
 class PayloadTooLarge(ApiError):
-    """413: the request body is over the server's limit (1 MiB)."""
+    """413: the request body is over the server's limit (1 MiB), or a task would pass its user's
+    stored-bytes quota (DROID_QUOTA_STORED_BYTES)."""
 
 
 class RateLimited(ApiError):

@@ -5,5 +5,5 @@ the OpenAPI document and the page (system.py, openapi.py), request schemas (sche
 rate limits (ratelimit.py).
 
 May import droid.tasks, droid.apikeys, droid.webhooks, droid.auth, droid.store, droid.config,
-droid.errors, droid.web, droid.util; never droid.realtime.
+droid.emails, droid.quotas, droid.errors, droid.web, droid.util; never droid.realtime.
 """

@@ -17,6 +17,7 @@ from ..util import dumps
 from .base import ApiHandler
 
 KEEPALIVE_S = 15.0
+ENCODE_SLICE = 256 * 1024  # bytes of a page encoded between two turns of the loop
 POLL_S = 1.0
 BATCH = 500
 
@@ -24,13 +25,29 @@ log = logging.getLogger(__name__)
 
 
 class EventsHandler(ApiHandler):
+    """A page of stored envelopes: at most `limit`, and no more once DROID_MAX_PAGE_BYTES is
+    reached (a client goes on from `lastSeq` until a page is empty). The page is encoded one
+    envelope at a time, letting the loop serve others between pieces, instead of as one JSON
+    document built on the loop."""
+
     async def get(self) -> None:
         user_id = self.user_id
         q = self.query(EventsQuery)
-        items = await self.store.events_after(user_id, q.after, q.limit)
-        envelopes = [d["envelope"] for d in items]
-        last = envelopes[-1]["seq"] if envelopes else await self.store.last_seq(user_id)
-        self.reply({"items": envelopes, "lastSeq": max(last, q.after) if envelopes else last})
+        items = await self.store.events_after(user_id, q.after, q.limit,
+                                              max_bytes=self.config.max_page_bytes)
+        last = items[-1]["seq"] if items else await self.store.last_seq(user_id)
+        self.write(b'{"items":[')
+        pending = 0
+        for n, item in enumerate(items):
+            piece = dumps(item["envelope"])
+            self.write(b"," + piece if n else piece)
+            item["envelope"] = None  # written: let it go
+            pending += len(piece)
+            if pending >= ENCODE_SLICE:
+                pending = 0
+                await asyncio.sleep(0)
+        self.finish(b'],"lastSeq":' + str(max(last, q.after) if items else last).encode()
+                    + b"}")
 
 
 class EventStreamHandler(ApiHandler):
@@ -82,7 +99,7 @@ class EventStreamHandler(ApiHandler):
                     self.write(f"event: {env['event']}\ndata: ")  # no id: not a resume point
                     self.write(data + b"\n\n")
                     written += len(data)
-                docs = await self.store.events_after(user_id, after, BATCH)
+                docs = await self.store.events_after(user_id, after, BATCH, max_bytes=budget)
                 for doc in docs:
                     env = doc["envelope"]
                     data = dumps(env)
@@ -97,7 +114,8 @@ class EventStreamHandler(ApiHandler):
                     idle = 0.0
                     if not await self._drain():
                         break
-                    if len(docs) == BATCH or written >= budget:
+                    # More is stored: a full batch, or one its byte bound ended (slim.Page).
+                    if len(docs) == BATCH or written >= budget or getattr(docs, "truncated", 0):
                         continue
                 elif idle >= KEEPALIVE_S:
                     idle = 0.0

@@ -120,16 +120,16 @@ def build_openapi(version: str) -> dict:
                                  ref_template="#/components/schemas/{model}")
     paths = {
         "/auth/register": {"post": _op("Create an account", 201, s.AuthReply, body=s.RegisterBody,
-                                       auth=False, errors=(409, 429))},
+                                       auth=False, errors=(409, 429, 503))},
         "/auth/login": {"post": _op("Sign in", 200, s.AuthReply, body=s.LoginBody, auth=False,
-                                    errors=(401, 429))},
+                                    errors=(401, 429, 503))},
         "/auth/me": {"get": _op("The caller", 200, s.User)},
         "/agents": {"get": _op("The default agent and the caller's", 200, s.Agent, array=True),
                     "post": _op("Create an agent", 201, s.Agent, body=s.AgentBody)},
         "/tasks": {
             "get": _op("The caller's tasks, newest first", 200, s.TaskPage, errors=(400,),
                        params=_query(s.TaskQuery)),
-            "post": _op("Create a task", 201, s.Task, body=s.TaskBody, errors=(404,),
+            "post": _op("Create a task", 201, s.Task, body=s.TaskBody, errors=(404, 429),
                         headers=[{"name": "Idempotency-Key", "in": "header", "required": False,
                                   "schema": {"type": "string", "minLength": 1,
                                              "maxLength": 255}}],

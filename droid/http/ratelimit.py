@@ -4,7 +4,8 @@ Each key has a token bucket: `capacity` attempts at once, refilled evenly over `
 An empty bucket refuses with the seconds until the next attempt is allowed (`Retry-After`).
 
 - Per address: every login and registration attempt counts (DROID_AUTH_ATTEMPTS_PER_ADDRESS a
-  minute), checked before the body is read.
+  minute), checked before the body is read. An IPv6 address counts as its /64 (one host, or one
+  customer of a provider, usually holds a whole /64), an IPv4-mapped one as its IPv4 address.
 - Per account: failed logins and refused registrations of one e-mail count
   (DROID_AUTH_FAILURES_PER_ACCOUNT in 10 minutes). The key is the e-mail as given, registered or
   not, so a refusal says nothing about whether an account exists.
@@ -16,6 +17,7 @@ simply forgotten here, so memory stays bounded by the keys seen within one refil
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from typing import Callable
@@ -74,6 +76,19 @@ class Buckets:
         return len(self._buckets)
 
 
+def address_key(address: str) -> str:
+    """The key an address is counted under: an IPv4 address itself, an IPv6 address's /64."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class AuthLimits:
     """The limits of POST /auth/login and POST /auth/register."""
 
@@ -85,7 +100,7 @@ class AuthLimits:
 
     def attempt(self, address: str) -> None:
         """Count an attempt from `address`; raises RateLimited when it has made too many."""
-        wait = self.addresses.take(address)
+        wait = self.addresses.take(address_key(address))
         if wait:
             raise RateLimited(f"Too many attempts from this address; retry in {wait} seconds",
                               wait)

@@ -7,7 +7,7 @@ fields); dates are naive UTC datetimes with millisecond precision (`util.utcnow(
 
 Task documents hold: _id, userId, agentId, status, priority, priorityRank, prompt, response,
 error, tokensUsed, executionTimeMs, retryCount, metadataJson, createdAt, updatedAt, startedAt,
-completedAt, runAfter, attempt, leaseOwner, leaseExpiresAt.
+completedAt, runAfter, attempt, leaseOwner, leaseExpiresAt, vkey (a place in the fair queue).
 
 Nothing lost (issue 19): a change of a task's state and its envelope are one atomic write (the
 intent methods that change a task take a `Change` and number and store its envelope with the
@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..errors import Unavailable
 from ..outage import Outage
+from ..quotas import Quota
 
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
 ACTIVE = ("pending", "processing")
@@ -181,6 +182,11 @@ class Store(abc.ABC):
     async def user_by_email(self, email: str) -> dict | None: ...
 
     @abc.abstractmethod
+    async def user_by_email_key(self, key: str) -> dict | None:
+        """The user whose normalised e-mail (`emailKey`, droid/emails.py) is `key`. Users also
+        hold a unique `emailSkeleton`; insert_user's Conflict says which of the two was taken."""
+
+    @abc.abstractmethod
     async def user_by_id(self, user_id: str) -> dict | None: ...
 
     # agents ----------------------------------------------------------------------------------
@@ -199,14 +205,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def insert_task(self, doc: dict, change: Change | None = None, *,
-                          key: str | None = None, key_since: dt.datetime | None = None) -> dict:
+                          key: str | None = None, key_since: dt.datetime | None = None,
+                          quota: Quota | None = None, size: int = 0) -> dict:
         """Store a new task with the envelope of `change` (task.created), atomically; the task
         stored (`doc`).
 
         With `key` (an Idempotency-Key of the task's user), the key is claimed in the same
         write: when it already names a task of the user, claimed at or after `key_since`, that
         task is returned instead and nothing is stored. A key claimed before `key_since`, or
-        naming a task that does not exist (left by an older version's crash), is taken over."""
+        naming a task that does not exist (left by an older version's crash), is taken over.
+
+        With `quota`, the task of `size` bytes is admitted first (admit_task, which sets
+        doc["vkey"]; QuotaExceeded stores nothing); a replayed key gives its bytes back. On
+        SQLite the admission is in the same transaction as the insert; on MongoDB it is the
+        step before (a failed insert leaves it counted)."""
 
     @abc.abstractmethod
     async def task_by_id(self, task_id: str, user_id: str | None = None) -> dict | None:
@@ -214,18 +226,23 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
-                         limit: int, after: tuple[dt.datetime, str] | None) -> list[dict]:
+                         limit: int, after: tuple[dt.datetime, str] | None,
+                         max_bytes: int | None = None) -> list[dict]:
         """A user's tasks, newest first (createdAt, then _id, descending), strictly after the
-        (createdAt, _id) position `after`, at most `limit`."""
+        (createdAt, _id) position `after`, at most `limit`, and no more once they weigh
+        `max_bytes` (slim.row_size; at least one): a slim.Page, `truncated` when that bound
+        ended it."""
 
     @abc.abstractmethod
     async def claim_task(self, owner: str, now: dt.datetime, lease_until: dt.datetime,
                          change: Change | None = None) -> dict | None:
-        """Atomically take the most urgent (priorityRank desc), oldest (createdAt asc) pending
-        task whose runAfter <= now: status processing, startedAt = updatedAt = now, leaseOwner,
-        leaseExpiresAt = lease_until, attempt + 1, with the envelope of `change`. The updated
-        task, or None when none is due. Concurrent callers, in any process, never get the same
-        attempt."""
+        """Atomically take a pending task whose runAfter <= now, fairly between users: the user
+        whose turn it is (the due task with the smallest `vkey`, admit_task's place in the fair
+        queue), and of that user's due tasks the most urgent (priorityRank desc), oldest
+        (createdAt asc), which takes that place. Status processing, startedAt = updatedAt = now,
+        leaseOwner, leaseExpiresAt = lease_until, attempt + 1, with the envelope of `change`. The
+        updated task, or None when none is due. Concurrent callers, in any process, never get
+        the same attempt."""
 
     @abc.abstractmethod
     async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime,
@@ -236,13 +253,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def update_attempt(self, task_id: str, attempt: int, fields: dict, *,
-                             count_retry: bool = False,
-                             change: Change | None = None) -> dict | None:
+                             count_retry: bool = False, change: Change | None = None,
+                             stored_bytes: int = 0) -> dict | None:
         """Set `fields` on the task if attempt `attempt` is still its current one (status
         processing, same attempt number); with `count_retry`, retryCount + 1 as well; with the
-        envelope of `change`. The updated task, or None when the attempt is no longer current (a
-        stale attempt never overwrites a newer one, a cancel, or an end already recorded). With
-        nothing to set (and no change), the task as it is, under the same condition."""
+        envelope of `change`; and `stored_bytes` more counted for its owner when it changed (an
+        answer, as add_stored_bytes: on SQLite in the same transaction, on MongoDB right after).
+        The updated task, or None when the attempt is no longer current (a stale attempt never
+        overwrites a newer one, a cancel, or an end already recorded). With nothing to set (and
+        no change), the task as it is, under the same condition."""
 
     @abc.abstractmethod
     async def renew_lease(self, task_id: str, attempt: int, owner: str,
@@ -260,6 +279,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def count_due(self, now: dt.datetime) -> int:
         """Pending tasks whose runAfter <= now (the queue depth)."""
+
+    # quotas (droid/quotas.py) --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def admit_task(self, user_id: str, now_ms: int, size: int, quota: Quota) -> int:
+        """Check the user's quotas for one more task of `size` bytes and count it, in one step
+        (every process sees the same counts); raises quotas.QuotaExceeded. Returns the task's
+        place in the fair queue (`vkey`, see claim_task)."""
+
+    @abc.abstractmethod
+    async def add_stored_bytes(self, user_id: str, size: int) -> None:
+        """Count `size` more bytes stored for the user (an answer), or fewer when negative (a
+        replayed Idempotency-Key: admit_task counted a task that was not stored)."""
+
+    @abc.abstractmethod
+    async def stored_bytes(self, user_id: str) -> int:
+        """The bytes counted for the user."""
 
     # events ----------------------------------------------------------------------------------
 
@@ -289,8 +325,12 @@ class Store(abc.ABC):
         return seq
 
     @abc.abstractmethod
-    async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
-        """The user's stored events with seq > after, ascending, at most `limit`."""
+    async def events_after(self, user_id: str, after: int, limit: int,
+                           max_bytes: int | None = None) -> list[dict]:
+        """The user's stored events with seq > after, ascending, at most `limit`, and no more
+        once they weigh `max_bytes` (at least one; a slim.Page, `truncated` when that bound ended
+        it). Envelopes are stored without what their task's row holds (slim.py) and read back
+        whole."""
 
     @abc.abstractmethod
     async def oldest_seq(self, user_id: str) -> int | None:

@@ -8,7 +8,10 @@ Every failure is an `AgentError` whose `message` is safe to show the task's owne
 the API key or the Authorization header, and `retryable` says whether another attempt may succeed.
 
 The OpenAI-compatible provider is the `openai` package's `AsyncOpenAI` client, through its public
-API only; what this module adds is the mapping of its errors and of `usage`. The package is
+API only; what this module adds is the mapping of its errors and of `usage`, the bounds of an
+answer (LLM_MAX_ANSWER_BYTES, `max_tokens` when LLM_MAX_TOKENS is set), a 429's Retry-After
+(`ready_in()`: no request before it), and the HTTP client of droid/tasks/llm_http.py under the SDK
+(bounded bodies, no redirect to another origin). The package is
 imported when such a provider is built, so the demo agent does not pay for it (about 30 MB and
 0.7 s at start-up). This module knows nothing of the web layer, Socket.IO or the database.
 Prompts and keys are never logged.
@@ -21,6 +24,7 @@ import logging
 import math
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 OnDelta = Callable[[str], Awaitable[None]]
 
 MALFORMED = "LLM returned a malformed response"
+MAX_ANSWER_BYTES = 1024 * 1024  # LLM_MAX_ANSWER_BYTES's default
+_BODY_SLACK = 64 * 1024  # a body or an event may hold this much besides 4 x the answer (escapes)
 _DETAIL_MAX = 200
 _REDACTED = "[redacted]"
 # Keys shorter than this are not secrets worth scrubbing, and replacing a one- or two-letter
@@ -46,12 +52,15 @@ _WORD_RE = re.compile(r"\S+\s*|\s+")
 
 
 class AgentError(Exception):
-    """An attempt failed. `message` is user-visible; `retryable` says whether to try again."""
+    """An attempt failed. `message` is user-visible; `retryable` says whether to try again, and
+    `retry_after_s`, when the LLM API said so (a 429's Retry-After), not before how long."""
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
     def __repr__(self) -> str:
         return f"AgentError({self.message!r}, retryable={self.retryable})"
@@ -223,10 +232,13 @@ def _quiet_transport_logs() -> None:
 
 
 class _Answer:
-    """The pieces of one answer as they reach `on_delta`, and its token count."""
+    """The pieces of one answer as they reach `on_delta`, and its token count. An answer longer
+    than `max_bytes` (UTF-8) fails the attempt as soon as it passes the bound."""
 
-    def __init__(self, on_delta: OnDelta) -> None:
+    def __init__(self, on_delta: OnDelta, max_bytes: int) -> None:
         self.on_delta = on_delta
+        self.max_bytes = max_bytes
+        self.size = 0
         self.parts: list[str] = []
         self.tokens: int | None = None
         self.events = 0
@@ -235,6 +247,10 @@ class _Answer:
     async def add(self, content: Any) -> None:
         if not isinstance(content, str) or not content:
             return
+        self.size += len(content.encode("utf-8", "surrogatepass"))
+        if self.size > self.max_bytes:
+            raise AgentError(f"The LLM's answer is longer than {self.max_bytes} bytes "
+                             "(LLM_MAX_ANSWER_BYTES)", retryable=False)
         self.parts.append(content)
         try:
             await self.on_delta(content)
@@ -260,14 +276,19 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(self, base_url: str, api_key: str | None, model: str | None,
-                 timeout_s: float = 60.0, stream: bool = True) -> None:
+                 timeout_s: float = 60.0, stream: bool = True,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES, max_tokens: int | None = None) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/chat/completions")
         self.url = f"{self.base_url}/chat/completions"
         self.model = model or None
         self.timeout_s = timeout_s
         self.stream = stream
+        self.max_answer_bytes = max_answer_bytes
+        self.max_tokens = max_tokens
         self._api_key = api_key or None
         self._client: AsyncOpenAI | None = None
+        # A 429 with Retry-After: no request to this API before this time (time.monotonic()).
+        self._paused_until = 0.0
         # Built now, at start-up: importing the SDK and building its client during a first task
         # would stall the event loop, every socket and lease renewal included, for a second.
         self._sdk()
@@ -279,14 +300,25 @@ class OpenAIProvider:
 
     def _sdk(self) -> AsyncOpenAI:
         if self._client is None:
+            import httpx2
             import openai
+
+            from .llm_http import BoundedTransport, origin_of
 
             _quiet_transport_logs()
             # The SDK requires a key: without one it gets a placeholder that is never sent (see
             # _headers). Passing it also keeps the SDK from reading OPENAI_API_KEY.
+            transport = BoundedTransport(
+                origin_of(httpx2.URL(self.base_url)),
+                body_max=4 * self.max_answer_bytes + _BODY_SLACK,
+                event_max=4 * self.max_answer_bytes + _BODY_SLACK,
+                # The SDK's own connection limits (it sets them only on a transport it builds).
+                inner=httpx2.AsyncHTTPTransport(limits=httpx2.Limits(
+                    max_connections=1000, max_keepalive_connections=100)))
             self._client = openai.AsyncOpenAI(
                 base_url=self.base_url, api_key=self._api_key or "none", timeout=self.timeout_s,
-                max_retries=0)
+                max_retries=0, http_client=openai.DefaultAsyncHttpx2Client(
+                    transport=transport, timeout=self.timeout_s))
             self._client.chat.completions  # noqa: B018 - the SDK imports its resources lazily
         return self._client
 
@@ -314,8 +346,13 @@ class OpenAIProvider:
             text = text[: limit - 1].rstrip() + "…"
         return text
 
-    def _fail(self, message: str, *, retryable: bool) -> AgentError:
-        return AgentError(self._scrub(message), retryable=retryable)
+    def _fail(self, message: str, *, retryable: bool,
+              retry_after_s: float | None = None) -> AgentError:
+        return AgentError(self._scrub(message), retryable=retryable, retry_after_s=retry_after_s)
+
+    def ready_in(self) -> float:
+        """Seconds until this API may be asked again (a 429's Retry-After); 0 when it may now."""
+        return max(0.0, self._paused_until - time.monotonic())
 
     async def run(self, *, model: str, system_prompt: str, prompt: str,
                   on_delta: OnDelta) -> AgentResult:
@@ -335,8 +372,15 @@ class OpenAIProvider:
         if system_prompt:
             messages.append({"role": "system", "content": system_prompt})
         messages.append({"role": "user", "content": prompt})
-        answer = _Answer(on_delta)
+        answer = _Answer(on_delta, self.max_answer_bytes)
         client = self._sdk()
+        paused = self.ready_in()
+        if paused > 0:
+            raise AgentError(f"The LLM API asked to wait {math.ceil(paused)} more seconds "
+                             "(HTTP 429 Retry-After)", retryable=True, retry_after_s=paused)
+        extra: dict[str, Any] = {}
+        if self.max_tokens is not None:
+            extra["max_tokens"] = self.max_tokens
         log.debug("LLM request to %s (model %s, stream %s)", _display_url(self.url), chosen,
                   self.stream)
         try:
@@ -347,17 +391,18 @@ class OpenAIProvider:
                     async with await client.chat.completions.create(
                             model=chosen, messages=messages, stream=True,
                             stream_options={"include_usage": True},
-                            extra_headers=self._headers()) as stream:
+                            extra_headers=self._headers(), **extra) as stream:
                         await self._read_stream(stream, answer)
                 else:
                     await self._read_completion(await client.chat.completions.create(
                         model=chosen, messages=messages, stream=False,
-                        extra_headers=self._headers()), answer)
+                        extra_headers=self._headers(), **extra), answer)
         except Exception as exc:
             if exc is answer.delta_error:
                 raise
             if isinstance(exc, AgentError):
-                raise self._fail(exc.message, retryable=exc.retryable) from None
+                raise self._fail(exc.message, retryable=exc.retryable,
+                                 retry_after_s=exc.retry_after_s) from None
             raise self._error(exc) from None
         text = "".join(answer.parts)
         if not text:
@@ -397,7 +442,18 @@ class OpenAIProvider:
         """The AgentError for what the SDK (or the timeout) raised."""
         import openai
 
+        from .llm_http import BodyTooLarge, ForeignRedirect
+
         where = _display_url(self.base_url)
+        for cause in _causes(exc):
+            if isinstance(cause, BodyTooLarge):
+                return self._fail(f"The LLM API sent {cause.what} larger than {cause.limit} bytes "
+                                  "(4 x LLM_MAX_ANSWER_BYTES + 64 KiB); not read further",
+                                  retryable=False)
+            if isinstance(cause, ForeignRedirect):
+                return self._fail(f"The LLM API at {where} redirected the request to another "
+                                  f"origin ({cause.origin}); Droid does not follow it",
+                                  retryable=False)
         if isinstance(exc, (TimeoutError, openai.APITimeoutError)):
             return self._fail(f"LLM API timed out after {self.timeout_s:g}s", retryable=True)
         if isinstance(exc, openai.APIStatusError):
@@ -414,6 +470,8 @@ class OpenAIProvider:
         return self._fail(f"LLM API request failed ({type(exc).__name__})", retryable=True)
 
     def _status_error(self, exc: Any) -> AgentError:
+        from .llm_http import retry_after_s
+
         code = exc.status_code
         media = exc.response.headers.get("content-type", "").lower()
         # `body` is the error object of a JSON body, else its text; an HTML error page (from a
@@ -421,8 +479,11 @@ class OpenAIProvider:
         detail = "" if "html" in media else _error_text(exc.body)
         detail = self._scrub(detail, _DETAIL_MAX)
         retryable = code in (408, 409, 429) or code >= 500
+        wait = retry_after_s(exc.response.headers) if code in (429, 503) else None
+        if wait is not None:
+            self._paused_until = max(self._paused_until, time.monotonic() + wait)
         return self._fail(f"LLM API returned HTTP {code}" + (f": {detail}" if detail else ""),
-                          retryable=retryable)
+                          retryable=retryable, retry_after_s=wait)
 
     def _connection_error(self, exc: Exception, where: str) -> AgentError:
         causes = _causes(exc)
@@ -445,8 +506,11 @@ class OpenAIProvider:
 
 
 def make_provider(*, base_url: str | None, api_key: str | None, model: str | None,
-                  timeout_s: float = 60.0, demo_delay_s: float = 1.5) -> Provider:
+                  timeout_s: float = 60.0, demo_delay_s: float = 1.5,
+                  max_answer_bytes: int = MAX_ANSWER_BYTES,
+                  max_tokens: int | None = None) -> Provider:
     """An OpenAIProvider when `base_url` is set, else the built-in DemoProvider."""
     if base_url:
-        return OpenAIProvider(base_url, api_key, model, timeout_s=timeout_s)
+        return OpenAIProvider(base_url, api_key, model, timeout_s=timeout_s,
+                              max_answer_bytes=max_answer_bytes, max_tokens=max_tokens)
     return DemoProvider(delay_s=demo_delay_s)

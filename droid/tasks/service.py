@@ -20,12 +20,16 @@ import binascii
 import collections
 import datetime as dt
 import logging
+import math
+import time
 from typing import Any, Awaitable, Callable, Protocol
 
 from ..errors import Conflict, Invalid, NotFound
+from ..quotas import Quota, QuotaExceeded, task_size, too_many_per_minute
 from ..store import PRIORITY_RANK, Change, Store
 from ..store.envelopes import task_json
 from ..util import dumps, loads, new_id, now_iso, utcnow
+
 
 log = logging.getLogger(__name__)
 # The publisher's lines carry the name `EventsService` (docs/contract.md).
@@ -70,8 +74,14 @@ class TaskService:
     """Creates, reads and moves tasks; the only writer of a task's `status`."""
 
     def __init__(self, store: Store, publisher: Publisher | None = None, *, max_retries: int = 2,
-                 retry_backoff_s: float = 1.0) -> None:
+                 retry_backoff_s: float = 1.0, quota: Quota | None = None,
+                 max_page_bytes: int | None = None) -> None:
         self.store = store
+        self.quota = quota or Quota()
+        self.max_page_bytes = max_page_bytes
+        # Users the per-minute quota refused, until their window ends (time.monotonic()): their
+        # next requests are refused without a store call or reading their body (a flood's).
+        self._full: dict[str, float] = {}
         self.publisher: Publisher = publisher or LogPublisher()
         store.on_recovered(self._deliver_recovered)
         self.max_retries = max_retries
@@ -109,13 +119,35 @@ class TaskService:
                    limit: int = 20, cursor: str | None = None) -> dict:
         after = decode_cursor(cursor) if cursor else None
         docs = await self.store.tasks_page(user_id, status=status, agent_id=agent_id,
-                                           limit=limit + 1, after=after)
-        more = len(docs) > limit
+                                           limit=limit + 1, after=after,
+                                           max_bytes=self.max_page_bytes)
+        # Fewer than `limit` + 1 rows when the page reached max_bytes: there may be more.
+        more = len(docs) > limit or (0 < len(docs) <= limit and getattr(docs, "truncated", False))
         docs = docs[:limit]
         return {"items": [task_json(d) for d in docs],
                 "nextCursor": encode_cursor(docs[-1]) if more else None}
 
     # changes made by users -------------------------------------------------------------------
+
+    def refused(self, user_id: str) -> QuotaExceeded | None:
+        """The per-minute quota's refusal of the user while it holds (as the store said it
+        last), else None: the caller answers it without creating anything."""
+        until = self._full.get(user_id)
+        if until is None:
+            return None
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._full[user_id]
+            return None
+        return too_many_per_minute(self.quota, max(1, math.ceil(left)))
+
+    def _remember_full(self, user_id: str, retry_after: int) -> None:
+        if len(self._full) >= 1024:  # bounded: the expired go first, else the oldest
+            now = time.monotonic()
+            for key in [k for k, t in self._full.items() if t <= now] or [next(iter(self._full))]:
+                del self._full[key]
+        # The store rounds the rest of the window up to whole seconds: remember a little less.
+        self._full[user_id] = time.monotonic() + retry_after - 1
 
     async def create(self, user_id: str, *, agent_id: str, prompt: str, priority: str = "normal",
                      metadata: dict | None = None,
@@ -126,21 +158,34 @@ class TaskService:
         """
         now = utcnow()
         task_id = new_id()
+        metadata_json = dumps(metadata).decode() if metadata is not None else None
+        size = task_size(prompt, metadata_json)
         doc = {"_id": task_id, "userId": user_id, "agentId": agent_id, "status": "pending",
                "priority": priority, "priorityRank": PRIORITY_RANK[priority], "prompt": prompt,
                "response": None, "error": None, "tokensUsed": None, "executionTimeMs": None,
                "retryCount": 0, "createdAt": now, "updatedAt": now,
-               "metadataJson": dumps(metadata).decode() if metadata is not None else None,
+               "metadataJson": metadata_json,
                "startedAt": None, "completedAt": None, "runAfter": now, "attempt": 0,
                "leaseOwner": None, "leaseExpiresAt": None}
         change = Change("task.created", now)
-        # The key is claimed in the same write as the task it names: a key never outlives a
-        # task that was not stored, and a second request with it gets the first task.
-        stored = await self.store.insert_task(doc, change, key=idempotency_key,
-                                              key_since=now - IDEMPOTENCY_WINDOW)
+        # Counted against the user's quotas first (a replayed Idempotency-Key is refused too
+        # while a quota refuses: its client retries after Retry-After and gets its task), then
+        # the key is claimed in the same write as the task it names: a key never outlives a
+        # task that was not stored, and a second request with it gets the first task (its
+        # bytes given back: the Python client sends a key with every task and replays it after
+        # a lost answer; it still counts in its minute).
+        try:
+            stored = await self.store.insert_task(doc, change, key=idempotency_key,
+                                                  key_since=now - IDEMPOTENCY_WINDOW,
+                                                  quota=self.quota, size=size)
+        except QuotaExceeded as exc:
+            if exc.rule == "per-minute":
+                self._remember_full(user_id, exc.retry_after or 1)
+            raise
         if stored["_id"] != task_id:
             return task_json(stored), False
         await self._publish(user_id, change)
+
         for listener in self._created_listeners:
             listener()
         return task_json(doc), True
@@ -193,11 +238,14 @@ class TaskService:
             doc, Change("task.completed", now),
             {"status": "completed", "response": response, "tokensUsed": tokens_used,
              "executionTimeMs": execution_time_ms, "error": None, "completedAt": now,
-             "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None}) is not None
+             "updatedAt": now, "leaseOwner": None, "leaseExpiresAt": None},
+            stored_bytes=len(response.encode("utf-8", "surrogatepass"))) is not None
 
     async def fail_attempt(self, doc: dict, error: str, *, execution_time_ms: int | None = None,
-                           retryable: bool = True) -> str | None:
-        """End a failed attempt: back to pending while retries remain, else failed.
+                           retryable: bool = True,
+                           not_before_s: float | None = None) -> str | None:
+        """End a failed attempt: back to pending while retries remain, else failed. A retry is
+        due after the backoff, or after `not_before_s` when that is longer (a 429's Retry-After).
 
         Returns the new status, or None when the attempt was no longer current (cancelled,
         or taken over after its lease ran out).
@@ -205,7 +253,7 @@ class TaskService:
         now = utcnow()
         retries = doc.get("retryCount", 0)
         if retryable and retries < self.max_retries:
-            delay = self.retry_delay(retries)
+            delay = max(self.retry_delay(retries), not_before_s or 0.0)
             updated = await self._end_attempt(
                 doc, Change("task.pending", now),
                 {"status": "pending", "error": error, "updatedAt": now,
@@ -258,11 +306,13 @@ class TaskService:
     # the one place a state changes -----------------------------------------------------------
 
     def _end_attempt(self, doc: dict, change: Change, fields: dict, *,
-                     count_retry: bool = False) -> Awaitable[dict | None]:
-        """Move attempt `doc` on, if it is still the task's current one."""
+                     count_retry: bool = False, stored_bytes: int = 0) -> Awaitable[dict | None]:
+        """Move attempt `doc` on, if it is still the task's current one; `stored_bytes` (an
+        answer) are counted for its owner, against DROID_QUOTA_STORED_BYTES, with the change."""
         return self._transition(
             self.store.update_attempt(doc["_id"], doc["attempt"], fields,
-                                      count_retry=count_retry, change=change), change)
+                                      count_retry=count_retry, change=change,
+                                      stored_bytes=stored_bytes), change)
 
     async def _transition(self, write: Awaitable[dict | None], change: Change) -> dict | None:
         """Apply one atomic change of state in the store (its envelope stored with it), then
@@ -270,6 +320,7 @@ class TaskService:
         doc = await write
         if doc is not None:
             await self._publish(doc["userId"], change)
+
         return doc
 
     def _requeued(self, delay_s: float) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -35,7 +36,7 @@ class Worker:
     def __init__(self, tasks: TaskService, agents: AgentService, provider: Any, *,
                  concurrency: int, timeout_s: float, lease_s: float, owner: str,
                  metrics: Any = None, poll_s: float = 0.5, cancel_check_s: float = 0.5,
-                 shutdown_grace_s: float = 5.0) -> None:
+                 shutdown_grace_s: float = 5.0, retry_after_max_s: float = 600.0) -> None:
         self.tasks = tasks
         self.agents = agents
         self.provider = provider
@@ -53,6 +54,9 @@ class Worker:
         self.renew_every_s = max(lease_s / 4 - self.cancel_check_s / 2, 0.0)
         self.reap_every_s = min(lease_s / 2, 5.0)
         self.shutdown_grace_s = shutdown_grace_s
+        # A 429's Retry-After is honoured up to this (LLM_RETRY_AFTER_MAX_S); a longer wait fails
+        # the task rather than hold it.
+        self.retry_after_max_s = retry_after_max_s
         # Running attempts by (task id, attempt number): a retry may be claimed while the attempt
         # before it is still finishing (publishing its end).
         self.running: dict[tuple[str, int], asyncio.Task] = {}
@@ -113,7 +117,10 @@ class Worker:
                 if time.monotonic() - last_reap >= self.reap_every_s:
                     last_reap = time.monotonic()
                     await self.tasks.reap_expired()
-                while len(self.running) < self.concurrency and not self._stopping:
+                # While the LLM API has asked to wait (a 429's Retry-After), nothing is claimed:
+                # the tasks wait as `pending`, and no request goes to it before then.
+                while (len(self.running) < self.concurrency and not self._stopping
+                       and self._llm_ready()):
                     doc = await self.tasks.claim(self.owner, self.lease_s)
                     if doc is None:
                         break
@@ -136,6 +143,10 @@ class Worker:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    def _llm_ready(self) -> bool:
+        ready_in = getattr(self.provider, "ready_in", None)
+        return ready_in is None or ready_in() <= 0
 
     def _spawn(self, doc: dict) -> None:
         attempt = asyncio.get_running_loop().create_task(
@@ -210,8 +221,14 @@ class Worker:
                 doc, f"The attempt timed out after {self.timeout_s:g} s (TASK_TIMEOUT_S)",
                 execution_time_ms=_ms(started))
         except AgentError as exc:
+            message, retryable, wait = exc.message, exc.retryable, exc.retry_after_s
+            if retryable and wait is not None and wait > self.retry_after_max_s:
+                retryable = False
+                message += (f" (it asked to wait {math.ceil(wait)} s, more than "
+                            f"LLM_RETRY_AFTER_MAX_S, {self.retry_after_max_s:g} s)")
             outcome, end = "error", self.tasks.fail_attempt(
-                doc, exc.message, retryable=exc.retryable, execution_time_ms=_ms(started))
+                doc, message, retryable=retryable, not_before_s=wait,
+                execution_time_ms=_ms(started))
         else:
             outcome, end = "completed", self.tasks.complete(
                 doc, response=result.response, tokens_used=result.tokens_used,

@@ -49,7 +49,8 @@ class Webhooks:
                                    metrics=metrics, on_disabled=on_disabled)
         self.dispatcher = Dispatcher(store, attempts=attempts,
                                      first_delay_s=config.webhook_retry_schedule[0],
-                                     on_created=self.deliverer.wake)
+                                     on_created=self.deliverer.wake,
+                                     max_bytes=config.max_page_bytes)
         self.active = config.webhook_concurrency > 0
         self.service = WebhookService(store, production=config.production,
                                       allow_private=config.webhook_allow_private,

@@ -43,8 +43,13 @@ _KNOWN_MAX = 100_000
 
 class Dispatcher:
     def __init__(self, store: Store, *, attempts: int, first_delay_s: float = 0.0,
-                 on_created: Callable[[], None] = lambda: None) -> None:
+                 on_created: Callable[[], None] = lambda: None,
+                 max_bytes: int | None = None) -> None:
         self.store = store
+        # A read of the log stops at BATCH envelopes or at this many bytes (DROID_MAX_PAGE_BYTES):
+        # envelopes are read back whole (prompts, metadata, answers of up to
+        # LLM_MAX_ANSWER_BYTES), and each delivery made holds its envelope again.
+        self.max_bytes = max_bytes
         self.attempts = attempts
         self.first_delay = dt.timedelta(seconds=first_delay_s)
         self.on_created = on_created
@@ -142,7 +147,8 @@ class Dispatcher:
             if not endpoints:
                 break
             low = min(e["cursor"] for e in endpoints)
-            events = await self.store.events_after(user_id, low, BATCH)
+            events = await self.store.events_after(user_id, low, BATCH,
+                                                   max_bytes=self.max_bytes)
             if not events:
                 break
             now = utcnow()

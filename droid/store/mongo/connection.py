@@ -33,6 +33,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from ...util import dumps, utcnow
 from ..base import Store, StoreFailing, StoreUnavailable
+from ..slim import pack
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +43,14 @@ TXN_TRIES = 20  # a transaction that meets write conflicts (concurrent claims) i
 # Fields of a task document that only the store reads: never returned with the task.
 HIDDEN = {"idem": False, "idemAt": False, "pending": False, "pendingAt": False}
 KEYS_EVERY_S = 60.0  # how often Idempotency-Keys past their TTL are dropped from their tasks
+
+
+def event_doc(user_id: str, seq: int, event: str, envelope: dict, at: dt.datetime) -> dict:
+    """An envelope as the event log stores it, whoever writes it: JSON text (it carries user
+    metadata, whose keys may hold what BSON field names cannot, '\\0', and it is only read back
+    whole), without what its task's document holds (droid/store/slim.py)."""
+    return {"userId": user_id, "seq": seq, "event": event,
+            "envelope": dumps(pack(envelope)).decode(), "createdAt": at}
 
 
 def _hosts(uri: str) -> str:
@@ -249,8 +258,7 @@ class MongoBase(Store):
         if counter is None:
             raise _NoCounter(user_id)
         envelope["seq"] = seq = int(counter["value"])
-        await self.events.insert_one({"userId": user_id, "seq": seq, "event": event,
-                                      "envelope": dumps(envelope).decode(), "createdAt": at},
+        await self.events.insert_one(event_doc(user_id, seq, event, envelope, at),
                                      session=session)
         return seq
 
@@ -271,6 +279,7 @@ def _transient(exc: BaseException) -> bool:
 # Methods whose success proves that writes succeed again; those of _MAYBE only when they changed
 # something (None or False: nothing matched, and nothing was written).
 _WRITES = frozenset(("insert_user", "insert_agent", "insert_task", "claim_task", "cancel_task",
+                     "admit_task", "add_stored_bytes",
                      "update_attempt", "renew_lease", "insert_event", "append_event",
                      "next_seq", "probe"))
 _MAYBE = frozenset(("claim_task", "cancel_task", "update_attempt", "renew_lease"))

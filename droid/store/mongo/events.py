@@ -7,8 +7,9 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from ...errors import Conflict
-from ...util import dumps, loads
-from .connection import MongoBase
+from ...util import loads
+from ..slim import Page, task_of, text_size, unpack
+from .connection import MongoBase, event_doc
 
 
 class EventsMixin(MongoBase):
@@ -32,9 +33,8 @@ class EventsMixin(MongoBase):
         return int(doc["value"]) if doc else 0
 
     async def insert_event(self, doc: dict) -> None:
-        # The envelope is stored as JSON text: it carries user metadata, whose keys may hold
-        # what BSON field names cannot ('\0'), and it is only ever read back whole.
-        stored = {**doc, "envelope": dumps(doc["envelope"]).decode()}
+        stored = event_doc(doc["userId"], doc["seq"], doc["event"], doc["envelope"],
+                           doc["createdAt"])
         try:
             await self.events.insert_one(stored)
         except DuplicateKeyError:
@@ -50,14 +50,28 @@ class EventsMixin(MongoBase):
         except DuplicateKeyError:
             raise Conflict("an event of this user with the next seq is already stored") from None
 
-    async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
-        docs = await self.events.find({"userId": user_id, "seq": {"$gt": after}},
-                                      {"_id": False}).sort([("seq", ASCENDING)]).limit(
-                                          limit).to_list(None)
-        for doc in docs:
-            if isinstance(doc["envelope"], str):
-                doc["envelope"] = loads(doc["envelope"])
-        return docs
+    async def events_after(self, user_id: str, after: int, limit: int,
+                           max_bytes: int | None = None) -> list[dict]:
+        out, size = Page(), 0
+        cursor = self.events.find({"userId": user_id, "seq": {"$gt": after}},
+                                  {"_id": False}).sort([("seq", ASCENDING)]).limit(limit)
+        async for doc in cursor:
+            text = doc["envelope"]
+            stored = loads(text) if isinstance(text, str) else text
+            task_id = task_of(stored)
+            row = None
+            if task_id is not None:  # put back what the task's row holds (slim.py)
+                row = await self.tasks.find_one(
+                    {"_id": task_id}, {"prompt": True, "metadataJson": True, "response": True})
+                row = {k: v for k, v in (row or {}).items() if k != "_id"} or None
+            doc["envelope"] = unpack(stored, row)
+            out.append(doc)
+            size += text_size(text if isinstance(text, str) else "", *(row or {}).values())
+            if max_bytes and size >= max_bytes:
+                out.truncated = True
+                break
+        await cursor.close()
+        return out
 
     async def oldest_seq(self, user_id: str) -> int | None:
         doc = await self.events.find_one({"userId": user_id}, sort=[("seq", ASCENDING)])

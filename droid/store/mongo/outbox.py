@@ -28,7 +28,7 @@ from pymongo.errors import DuplicateKeyError
 from ..envelopes import envelope_of
 from ...util import dumps, loads, new_id, utcnow
 from ..base import Change
-from .connection import MongoBase
+from .connection import MongoBase, event_doc
 
 GRACE_S = 1.0  # a numbering or pending envelope this old is taken for its writer's crash
 _WAIT_S = 0.005
@@ -70,18 +70,20 @@ class OutboxMixin(MongoBase):
                 {"$set": {"value": seq, "numbering": numbering}})
             if won.modified_count != 1:
                 continue  # another envelope of the user was numbered meanwhile
-            await self._finish(key, numbering)
+            await self._finish(key, numbering, envelope)
             if not own:
                 self._recovered([envelope])
             return envelope
 
-    async def _finish(self, key: str, numbering: dict) -> None:
-        """Complete a numbering (anyone's: every step may be done twice)."""
+    async def _finish(self, key: str, numbering: dict, envelope: dict | None = None) -> None:
+        """Complete a numbering (anyone's: every step may be done twice). The numbering keeps
+        the whole envelope (what a finisher delivers); the log stores it as every writer does."""
+        if envelope is None:
+            envelope = loads(numbering["envelope"])
         try:
-            await self.events.insert_one({
-                "userId": numbering["user"], "seq": numbering["seq"],
-                "event": numbering["event"], "envelope": numbering["envelope"],
-                "createdAt": numbering["at"]})
+            await self.events.insert_one(event_doc(numbering["user"], numbering["seq"],
+                                                   numbering["event"], envelope,
+                                                   numbering["at"]))
         except DuplicateKeyError:
             pass  # inserted already: by its writer, or by another finisher
         await self.tasks.update_one({"_id": numbering["task"], "pending.id": numbering["id"]},

@@ -1,32 +1,39 @@
 """Tasks in the MongoDB store: creation, reads, claims and the moves of an attempt.
 
 A change is one `find_one_and_update` (or the insert) whose filter holds the precondition (a
-claim takes only a pending, due task; an attempt is changed only while it is the current one),
-with its envelope: in the same transaction, or, without transactions, pending in the same
-document and numbered right after (droid/store/mongo/connection.py and outbox.py). An
-Idempotency-Key is a field of the task it names (`idem`, unique), so the insert of the task is
-the claim of its key.
+claim takes only a pending, due task, of the user whose turn it is: quotas.py; an attempt is
+changed only while it is the current one), with its envelope: in the same transaction, or,
+without transactions, pending in the same document and numbered right after
+(droid/store/mongo/connection.py and outbox.py). An Idempotency-Key is a field of the task it
+names (`idem`, unique), so the insert of the task is the claim of its key.
 """
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from ..envelopes import envelope_of
+from ...quotas import Quota
+from ...util import to_ms
 from ..base import ACTIVE, STATUSES, Change
+from ..envelopes import envelope_of
+from ..slim import Page, row_size
 from .connection import HIDDEN, TXN_TRIES
 from .outbox import OutboxMixin, pending_entry
+from .quotas import QuotasMixin
 
-_CLAIM_ORDER = [("priorityRank", DESCENDING), ("createdAt", ASCENDING)]
 _CANDIDATES = 8
 
 
-class TasksMixin(OutboxMixin):
+class TasksMixin(QuotasMixin, OutboxMixin):
     async def insert_task(self, doc: dict, change: Change | None = None, *,
-                          key: str | None = None, key_since: dt.datetime | None = None) -> dict:
+                          key: str | None = None, key_since: dt.datetime | None = None,
+                          quota: Quota | None = None, size: int = 0) -> dict:
+        if quota is not None:  # the step before the insert (quotas.py)
+            doc["vkey"] = await self.admit_task(doc["userId"], to_ms(doc["createdAt"]), size,
+                                                quota)
         stored = dict(doc)
         if key is not None:
             stored["idem"] = {"u": doc["userId"], "k": key}
@@ -46,6 +53,9 @@ class TasksMixin(OutboxMixin):
                 await self.tasks.update_one({"_id": holder["_id"], "idemAt": holder["idemAt"]},
                                             {"$unset": {"idem": "", "idemAt": ""}})
                 continue
+            if quota is not None:
+                # A replay stores nothing: its bytes go back; it still counts in its minute.
+                await self.add_stored_bytes(doc["userId"], -size)
             return {k: v for k, v in holder.items() if k not in HIDDEN}
 
     async def _insert_task(self, doc: dict, stored: dict, change: Change | None) -> None:
@@ -71,7 +81,8 @@ class TasksMixin(OutboxMixin):
         return await self.tasks.find_one(query, HIDDEN)
 
     async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
-                         limit: int, after: tuple[dt.datetime, str] | None) -> list[dict]:
+                         limit: int, after: tuple[dt.datetime, str] | None,
+                         max_bytes: int | None = None) -> list[dict]:
         query: dict = {"userId": user_id}
         if status:
             query["status"] = status
@@ -81,26 +92,41 @@ class TasksMixin(OutboxMixin):
             created, last_id = after
             query["$or"] = [{"createdAt": {"$lt": created}},
                             {"createdAt": created, "_id": {"$lt": last_id}}]
-        return await self.tasks.find(query, HIDDEN).sort(
-            [("createdAt", DESCENDING), ("_id", DESCENDING)]).limit(limit).to_list(None)
+        out, size = Page(), 0
+        cursor = self.tasks.find(query, HIDDEN).sort(
+            [("createdAt", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        async for doc in cursor:
+            out.append(doc)
+            size += row_size(doc)
+            if max_bytes and size >= max_bytes:
+                out.truncated = len(out) < limit
+                break
+        await cursor.close()
+        return out
 
     async def claim_task(self, owner: str, now: dt.datetime, lease_until: dt.datetime,
                          change: Change | None = None) -> dict | None:
-        due = {"status": "pending", "runAfter": {"$lte": now}}
         update = {"$set": {"status": "processing", "startedAt": now, "updatedAt": now,
                            "leaseOwner": owner, "leaseExpiresAt": lease_until},
                   "$inc": {"attempt": 1}}
+        # Users take turns, each user's most urgent first (quotas.py).
+        return await self._claim_fair(
+            lambda query, sort: self._claim_one(change, query, update, sort), now)
+
+    async def _claim_one(self, change: Change | None, query: dict, update: dict,
+                         sort: list) -> dict | None:
+        """The first task matching `query` in `sort` order, claimed with its envelope."""
         if change is None or not self.transactions:
-            return await self._change(change, due, update, sort=_CLAIM_ORDER)
-        # In a transaction, task by task among the first due ones: a task that another claim
-        # (or a transaction left open by a killed process, until the server aborts it) holds
-        # is passed over after two tries, where a sorted find-and-modify would meet it first
+            return await self._change(change, query, update, sort=sort)
+        # In a transaction, task by task among the first ones: a task that another claim (or a
+        # transaction left open by a killed process, until the server aborts it) holds is
+        # passed over after two tries, where a sorted find-and-modify would meet it first
         # every time.
-        candidates = await self.tasks.find(due, {"_id": True}).sort(_CLAIM_ORDER).limit(
+        candidates = await self.tasks.find(query, {"_id": True}).sort(sort).limit(
             _CANDIDATES).to_list(None)
         for candidate in candidates:
             try:
-                doc = await self._change(change, {**due, "_id": candidate["_id"]}, update,
+                doc = await self._change(change, {**query, "_id": candidate["_id"]}, update,
                                          tries=2)
             except PyMongoError as exc:
                 if not exc.has_error_label("TransientTransactionError"):
@@ -118,15 +144,18 @@ class TasksMixin(OutboxMixin):
                       "leaseOwner": None, "leaseExpiresAt": None}})
 
     async def update_attempt(self, task_id: str, attempt: int, fields: dict, *,
-                             count_retry: bool = False,
-                             change: Change | None = None) -> dict | None:
+                             count_retry: bool = False, change: Change | None = None,
+                             stored_bytes: int = 0) -> dict | None:
         update: dict = {"$set": dict(fields)} if fields else {}
         if count_retry:
             update["$inc"] = {"retryCount": 1}
         current = {"_id": task_id, "status": "processing", "attempt": attempt}
         if not update:  # nothing to change: the attempt as it is, if it is still current
             return await self.tasks.find_one(current, HIDDEN)
-        return await self._change(change, current, update)
+        doc = await self._change(change, current, update)
+        if doc is not None and stored_bytes:  # not in the change's write (quotas.py)
+            await self.add_stored_bytes(doc["userId"], stored_bytes)
+        return doc
 
     async def _change(self, change: Change | None, query: dict, update: dict, *,
                       sort: list | None = None, tries: int = TXN_TRIES) -> dict | None:

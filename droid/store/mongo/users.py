@@ -1,21 +1,13 @@
-"""Users and agents in the MongoDB store."""
+"""Users and agents in the MongoDB store (a user's insert and e-mail forms: accounts.py)."""
 from __future__ import annotations
 
 from pymongo import ASCENDING
-from pymongo.errors import DuplicateKeyError
 
-from ...errors import Conflict
 from .connection import MongoBase
 
 
 class UsersMixin(MongoBase):
     # users -----------------------------------------------------------------------------------
-
-    async def insert_user(self, doc: dict) -> None:
-        try:
-            await self.users.insert_one(dict(doc))
-        except DuplicateKeyError:
-            raise Conflict("Email is already registered") from None
 
     async def user_by_email(self, email: str) -> dict | None:
         return await self.users.find_one({"email": email})

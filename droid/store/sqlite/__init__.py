@@ -10,9 +10,13 @@ Nothing here runs on the event loop. Each store owns one thread and one connecti
 method runs whole in that thread: one hop per intent, with its transaction inside it. (aiosqlite
 would hop once per statement and need a lock around multi-statement transactions on its shared
 connection.) Expired envelopes and idempotency keys are deleted by a background task of the store.
+
+Mixins: users.py and accounts.py (users, their e-mail forms, agents), tasks.py and quotas.py
+(tasks, quotas, fair claims), events.py (the event log), hooks.py (API keys, webhooks).
 """
 from __future__ import annotations
 
+from .accounts import AccountsMixin
 from .events import EventsMixin
 from .hooks import HooksMixin
 from .rows import from_ms, to_ms
@@ -20,7 +24,7 @@ from .tasks import TasksMixin
 from .users import UsersMixin
 
 
-class SqliteStore(UsersMixin, TasksMixin, EventsMixin, HooksMixin):
+class SqliteStore(UsersMixin, AccountsMixin, TasksMixin, EventsMixin, HooksMixin):
     """The embedded store: one mixin per group of tables (droid/store/sqlite/), on SqliteBase
     (the connection, its thread and the store's lifecycle)."""
 

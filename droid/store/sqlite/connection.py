@@ -19,6 +19,7 @@ import sqlite3
 from typing import Any, Callable, TypeVar
 
 from ..envelopes import envelope_of
+from ..slim import pack
 from ...util import dumps
 from ..base import Change, Store, StoreFailing, StoreUnavailable
 from .rows import SCHEMA, row_doc, row_values, to_ms
@@ -261,9 +262,16 @@ class SqliteBase(Store):
         """Number an envelope with the user's next seq and store it (inside a transaction)."""
         seq = self._conn.execute(_NEXT_SEQ, (user_id,)).fetchone()[0]
         envelope["seq"] = seq
-        self._conn.execute(_INSERT_EVENT, (user_id, seq, event, dumps(envelope).decode(),
-                                           created_ms))
+        self._store_event(user_id, seq, event, envelope, created_ms)
         return seq
+
+    def _store_event(self, user_id: str, seq: int, event: str, envelope: dict,
+                     created_ms: int) -> None:
+        """The one place an envelope is written to the log: without what its task's row holds
+        (droid/store/slim.py); the webhooks' trigger on the table runs in the same transaction
+        (droid/store/sqlite/hooks.py)."""
+        self._conn.execute(_INSERT_EVENT, (user_id, seq, event, dumps(pack(envelope)).decode(),
+                                           created_ms))
 
     def _record(self, change: Change, doc: dict) -> dict:
         """The envelope of `change` for the task as it now is, numbered and stored."""
@@ -271,7 +279,17 @@ class SqliteBase(Store):
         self._append(doc["userId"], change.event, envelope, to_ms(change.at))
         return envelope
 
-    def _changed(self, change: Change, sql: str, args: tuple) -> tuple[dict | None, dict | None]:
-        """One `UPDATE ... RETURNING *` of a task and, when it changed one, its envelope."""
+    def _changed(self, change: Change | None, sql: str, args: tuple,
+                 stored_bytes: int = 0) -> tuple[dict | None, dict | None]:
+        """One `UPDATE ... RETURNING *` of a task and, when it changed one, its envelope and
+        the bytes it stored counted for its owner (droid/store/sqlite/quotas.py)."""
         doc = self._one(sql, args)
-        return doc, (self._record(change, doc) if doc is not None else None)
+        if doc is None:
+            return None, None
+        if stored_bytes:
+            self._add_stored(doc["userId"], stored_bytes)
+        return doc, (self._record(change, doc) if change is not None else None)
+
+    def _add_stored(self, user_id: str, size: int) -> None:
+        """Count `size` more bytes stored for the user (droid/store/sqlite/quotas.py)."""
+        raise NotImplementedError

@@ -6,7 +6,8 @@ import datetime as dt
 import sqlite3
 
 from ...errors import Conflict
-from ...util import dumps, loads
+from ...util import loads
+from ..slim import Page, task_of, text_size, unpack
 from .connection import SqliteBase
 from .rows import from_ms, to_ms
 
@@ -27,12 +28,9 @@ class EventsMixin(SqliteBase):
         return await self._run(run)
 
     async def insert_event(self, doc: dict) -> None:
-        row = (doc["userId"], doc["seq"], doc["event"], dumps(doc["envelope"]).decode(),
-               to_ms(doc["createdAt"]))
         try:
-            await self._run(self._conn.execute,
-                            "INSERT INTO events (userId, seq, event, envelope, createdAt) "
-                            "VALUES (?, ?, ?, ?, ?)", row)
+            await self._run(self._store_event, doc["userId"], doc["seq"], doc["event"],
+                            doc["envelope"], to_ms(doc["createdAt"]))
         except sqlite3.IntegrityError:
             raise Conflict(f"event {doc['seq']} of this user is already stored") from None
 
@@ -46,13 +44,27 @@ class EventsMixin(SqliteBase):
         except sqlite3.IntegrityError:
             raise Conflict("an event of this user with the next seq is already stored") from None
 
-    async def events_after(self, user_id: str, after: int, limit: int) -> list[dict]:
+    async def events_after(self, user_id: str, after: int, limit: int,
+                           max_bytes: int | None = None) -> list[dict]:
         def run() -> list[dict]:
+            out, size = Page(), 0
             rows = self._conn.execute(
                 "SELECT seq, event, envelope, createdAt FROM events WHERE userId = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?", (user_id, after, limit)).fetchall()
-            return [{"userId": user_id, "seq": seq, "event": event, "envelope": loads(envelope),
-                     "createdAt": from_ms(created)} for seq, event, envelope, created in rows]
+                "ORDER BY seq LIMIT ?", (user_id, after, limit))
+            for seq, event, envelope, created in rows:
+                stored = loads(envelope)
+                task_id = task_of(stored)
+                row = None
+                if task_id is not None:  # put back what the task's row holds (slim.py)
+                    row = self._one("SELECT prompt, metadataJson, response FROM tasks "
+                                    "WHERE id = ?", (task_id,))
+                out.append({"userId": user_id, "seq": seq, "event": event,
+                            "envelope": unpack(stored, row), "createdAt": from_ms(created)})
+                size += text_size(envelope, *(row or {}).values())
+                if max_bytes and size >= max_bytes:
+                    out.truncated = True
+                    break
+            return out
 
         return await self._run(run)
 

@@ -26,8 +26,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     attempt INTEGER NOT NULL DEFAULT 0, leaseOwner TEXT, leaseExpiresAt INTEGER);
 CREATE INDEX IF NOT EXISTS tasks_owner ON tasks (userId, createdAt DESC, id DESC);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, runAfter);
-CREATE INDEX IF NOT EXISTS tasks_claim ON tasks (priorityRank DESC, createdAt)
-    WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (leaseExpiresAt) WHERE status = 'processing';
 CREATE TABLE IF NOT EXISTS counters (userId TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
@@ -45,9 +43,10 @@ DATES = frozenset(("createdAt", "updatedAt", "startedAt", "completedAt", "runAft
 TASK_COLUMNS = frozenset((
     "userId", "agentId", "status", "priority", "priorityRank", "prompt", "response", "error",
     "tokensUsed", "executionTimeMs", "retryCount", "metadataJson", "createdAt", "updatedAt",
-    "startedAt", "completedAt", "runAfter", "attempt", "leaseOwner", "leaseExpiresAt"))
+    "startedAt", "completedAt", "runAfter", "attempt", "leaseOwner", "leaseExpiresAt", "vkey"))
 COLUMNS = {
-    "users": frozenset(("email", "name", "passwordHash", "createdAt")),
+    "users": frozenset(("email", "name", "passwordHash", "createdAt", "emailKey",
+                        "emailSkeleton")),
     "agents": frozenset(("name", "model", "systemPrompt", "description", "ownerId", "createdAt")),
     "tasks": TASK_COLUMNS,
 }

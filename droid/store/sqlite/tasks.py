@@ -1,16 +1,19 @@
 """Tasks in the SQLite store: creation, reads, claims and the moves of an attempt.
 
 Every change of a task's state is one transaction in one hop to the store's thread: the change
-(an `UPDATE ... RETURNING *`, or the insert with its Idempotency-Key), then its envelope built
-from the row it returned, numbered and stored (SqliteBase._changed).
+(an `UPDATE ... RETURNING *`; the fair claim, droid/store/sqlite/quotas.py; or the insert with
+its quota admission and its Idempotency-Key), then its envelope built from the row it returned,
+numbered and stored (SqliteBase._record).
 """
 from __future__ import annotations
 
 import datetime as dt
 
+from ...quotas import Quota
 from ..base import ACTIVE, STATUSES, Change
-from .connection import SqliteBase
-from .rows import DATES, TASK_COLUMNS, to_ms
+from ..slim import Page, row_size
+from .quotas import QuotasMixin
+from .rows import DATES, TASK_COLUMNS, row_doc, to_ms
 
 # Take the key when it is free, was claimed before `since` (?5), or names a task that does not
 # exist (an older version's crash between the key and its task); else leave it as it is.
@@ -26,16 +29,6 @@ _KEY_HOLDER = """
     SELECT tasks.* FROM idempotency JOIN tasks ON tasks.id = idempotency.taskId
                                                AND tasks.userId = idempotency.userId
     WHERE idempotency.userId = ? AND idempotency.key = ?"""
-# One statement: SQLite holds the write lock from the choice to the change. The partial index
-# walks pending tasks in claim order, so a long backlog is not sorted per claim.
-_CLAIM = """
-    UPDATE tasks SET status = 'processing', startedAt = ?1, updatedAt = ?1,
-                     leaseOwner = ?2, leaseExpiresAt = ?3, attempt = attempt + 1
-    WHERE id = (SELECT id FROM tasks INDEXED BY tasks_claim
-                WHERE status = 'pending' AND runAfter <= ?1
-                ORDER BY priorityRank DESC, createdAt LIMIT 1)
-      AND status = 'pending'
-    RETURNING *"""
 _CANCEL = f"""
     UPDATE tasks SET status = 'cancelled', updatedAt = ?1, completedAt = ?1,
                      leaseOwner = NULL, leaseExpiresAt = NULL
@@ -43,26 +36,34 @@ _CANCEL = f"""
     RETURNING *"""
 
 
-class TasksMixin(SqliteBase):
+class TasksMixin(QuotasMixin):
     async def insert_task(self, doc: dict, change: Change | None = None, *,
-                          key: str | None = None, key_since: dt.datetime | None = None) -> dict:
-        if change is None and key is None:
+                          key: str | None = None, key_since: dt.datetime | None = None,
+                          quota: Quota | None = None, size: int = 0) -> dict:
+        if change is None and key is None and quota is None:
             await self._run(self._insert, "tasks", doc)
             return doc
         stored, envelope = await self._run(self._write, self._insert_task, doc, change, key,
-                                           key_since)
+                                           key_since, quota, size)
         if change is not None:
             change.envelope = envelope
         return stored
 
     def _insert_task(self, doc: dict, change: Change | None, key: str | None,
-                     since: dt.datetime | None) -> tuple[dict, dict | None]:
+                     since: dt.datetime | None, quota: Quota | None,
+                     size: int) -> tuple[dict, dict | None]:
+        user_id = doc["userId"]
+        if quota is not None:  # QuotaExceeded rolls the whole write back
+            doc["vkey"] = self._admit(self._conn, user_id, to_ms(doc["createdAt"]), size, quota)
         if key is not None:
             claimed = self._conn.execute(_CLAIM_KEY, (
-                doc["userId"], key, doc["_id"], to_ms(doc["createdAt"]),
+                user_id, key, doc["_id"], to_ms(doc["createdAt"]),
                 to_ms(since) if since is not None else -1)).fetchone()
             if claimed is None:
-                return self._one(_KEY_HOLDER, (doc["userId"], key)), None
+                if quota is not None:
+                    # A replay stores nothing: its bytes go back; it still counts in its minute.
+                    self._add_stored(user_id, -size)
+                return self._one(_KEY_HOLDER, (user_id, key)), None
         self._insert("tasks", doc)
         return doc, (self._record(change, doc) if change is not None else None)
 
@@ -73,7 +74,8 @@ class TasksMixin(SqliteBase):
                                (task_id, user_id))
 
     async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
-                         limit: int, after: tuple[dt.datetime, str] | None) -> list[dict]:
+                         limit: int, after: tuple[dt.datetime, str] | None,
+                         max_bytes: int | None = None) -> list[dict]:
         where, args = ["userId = ?"], [user_id]
         if status:
             where.append("status = ?")
@@ -87,19 +89,42 @@ class TasksMixin(SqliteBase):
             args += [to_ms(created), to_ms(created), last_id]
         sql = (f"SELECT * FROM tasks WHERE {' AND '.join(where)} "
                "ORDER BY createdAt DESC, id DESC LIMIT ?")
-        return await self._run(self._all, sql, (*args, limit))
+
+        def run() -> Page:
+            out, size = Page(), 0
+            cur = self._conn.execute(sql, (*args, limit))
+            for row in cur:
+                out.append(doc := row_doc(cur, row))
+                size += row_size(doc)
+                if max_bytes and size >= max_bytes:
+                    out.truncated = len(out) < limit
+                    break
+            return out
+
+        return await self._run(run)
 
     async def claim_task(self, owner: str, now: dt.datetime, lease_until: dt.datetime,
                          change: Change | None = None) -> dict | None:
-        return await self._change(change, _CLAIM, (to_ms(now), owner, to_ms(lease_until)))
+        # One transaction: users take turns, each user's most urgent first (quotas.py), and
+        # the claimed task's envelope.
+        def claim() -> tuple[dict | None, dict | None]:
+            doc = self._claim_fair(to_ms(now), owner, to_ms(lease_until))
+            if doc is None or change is None:
+                return doc, None
+            return doc, self._record(change, doc)
+
+        doc, envelope = await self._run(self._write, claim)
+        if change is not None:
+            change.envelope = envelope
+        return doc
 
     async def cancel_task(self, task_id: str, user_id: str, now: dt.datetime,
                           change: Change | None = None) -> dict | None:
         return await self._change(change, _CANCEL, (to_ms(now), task_id, user_id))
 
     async def update_attempt(self, task_id: str, attempt: int, fields: dict, *,
-                             count_retry: bool = False,
-                             change: Change | None = None) -> dict | None:
+                             count_retry: bool = False, change: Change | None = None,
+                             stored_bytes: int = 0) -> dict | None:
         sets, args = [], []
         for key, value in fields.items():
             if key not in TASK_COLUMNS:
@@ -112,12 +137,16 @@ class TasksMixin(SqliteBase):
             sets.append("id = id")
         sql = (f"UPDATE tasks SET {', '.join(sets)} "
                "WHERE id = ? AND status = 'processing' AND attempt = ? RETURNING *")
-        return await self._change(change, sql, (*args, task_id, attempt))
+        return await self._change(change, sql, (*args, task_id, attempt), stored_bytes)
 
-    async def _change(self, change: Change | None, sql: str, args: tuple) -> dict | None:
-        if change is None:
+    async def _change(self, change: Change | None, sql: str, args: tuple,
+                      stored_bytes: int = 0) -> dict | None:
+        if change is None and not stored_bytes:
             return await self._run(self._one, sql, args)
-        doc, change.envelope = await self._run(self._write, self._changed, change, sql, args)
+        doc, envelope = await self._run(self._write, self._changed, change, sql, args,
+                                        stored_bytes)
+        if change is not None:
+            change.envelope = envelope
         return doc
 
     async def renew_lease(self, task_id: str, attempt: int, owner: str,

@@ -1,20 +1,11 @@
-"""Users and agents in the SQLite store."""
+"""Users and agents in the SQLite store (a user's insert and e-mail forms: accounts.py)."""
 from __future__ import annotations
 
-import sqlite3
-
-from ...errors import Conflict
 from .connection import SqliteBase
 
 
 class UsersMixin(SqliteBase):
     # users -----------------------------------------------------------------------------------
-
-    async def insert_user(self, doc: dict) -> None:
-        try:
-            await self._run(self._insert, "users", doc)
-        except sqlite3.IntegrityError:
-            raise Conflict("Email is already registered") from None
 
     async def user_by_email(self, email: str) -> dict | None:
         return await self._run(self._one, "SELECT * FROM users WHERE email = ?", (email,))
