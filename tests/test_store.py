@@ -1754,3 +1754,14 @@ async def test_webhooks_behind_follows_the_envelopes_of_task_changes(backend: Ba
     events = await store.events_after(alice, 0, 10)
     assert [e["envelope"] for e in events] == [created.envelope, claimed.envelope]
 
+
+async def test_a_users_first_tasks_at_once_are_all_admitted(backend: Backend) -> None:
+    """Concurrent first tasks of a user, on several store objects: the one that creates the
+    user's `usage` row makes none of the others a per-minute refusal."""
+    stores = await backend.peers(3)
+    for round_ in range(5):
+        user, ms = new_id(), to_ms(utcnow())
+        quota = Quota(tasks_per_minute=100, pending_tasks=0, stored_bytes=0)
+        keys = await asyncio.gather(*(stores[i % 3].admit_task(user, ms + i % 2, 1, quota)
+                                      for i in range(12)))
+        assert len(keys) == 12 and await stores[0].stored_bytes(user) == 12, round_

@@ -55,6 +55,8 @@ class QuotasMixin(MongoBase):
                 return
             doc = await self.usage.find_one({"_id": user_id})
             if doc is not None:
+                if doc["windowCount"] < limit or doc["windowStart"] <= now_ms - WINDOW_MS:
+                    continue  # created, or its window restarted, by another request meanwhile
                 wait = doc["windowStart"] + WINDOW_MS - now_ms
                 raise too_many_per_minute(quota, max(1, -(-wait // 1000)))
             try:
