@@ -12,10 +12,14 @@ store so that every process enforces the same counts.
 (Store.admit_task, which Store.insert_task takes first: on SQLite in the transaction of the
 insert; on MongoDB the step before it, where concurrent creations of one user may pass the
 pending quota by the number that were between that step and their insert at the same moment).
+A process remembers a per-minute refusal until its window ends (FullUsers), so that a flood is
+answered without a store call.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 
 from .errors import ApiError
 
@@ -67,3 +71,36 @@ def too_many_bytes(quota: Quota, used: int, size: int) -> QuotaExceeded:
 def task_size(prompt: str, metadata_json: str | None) -> int:
     """What a new task adds to its user's stored bytes."""
     return len(prompt.encode("utf-8", "surrogatepass")) + len(metadata_json or "")
+
+
+class FullUsers:
+    """Users the per-minute quota refused, until their window ends (time.monotonic()), as one
+    process last heard it from the store; bounded (the expired go first, else the oldest)."""
+
+    MAX = 1024
+
+    def __init__(self, quota: Quota) -> None:
+        self.quota = quota
+        self._until: dict[str, float] = {}
+
+    def refused(self, user_id: str) -> QuotaExceeded | None:
+        until = self._until.get(user_id)
+        if until is None:
+            return None
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._until[user_id]
+            return None
+        return too_many_per_minute(self.quota, max(1, math.ceil(left)))
+
+    def remember(self, user_id: str, refusal: QuotaExceeded) -> None:
+        """Remember a per-minute refusal (the other rules are not remembered)."""
+        if refusal.rule != "per-minute":
+            return
+        full = self._until
+        if len(full) >= self.MAX:
+            now = time.monotonic()
+            for key in [k for k, t in full.items() if t <= now] or [next(iter(full))]:
+                del full[key]
+        # The store rounds the rest of the window up to whole seconds: remember a little less.
+        full[user_id] = time.monotonic() + (refusal.retry_after or 1) - 1

@@ -1271,7 +1271,7 @@ async def test_sqlite_a_full_database_fails_loudly_and_recovers_by_itself(tmp_pa
         assert store.failing is None and await store.health() == "ok"
         doc = task_doc(alice, prompt="x" * 100_000)
         assert await store.insert_task(doc, Change("task.created", utcnow())) == doc
-        lines = [r.getMessage() for r in caplog.records if r.name == "droid.store.base"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "droid.store.health"]
         assert len(lines) == 2 and "writes fail (database or disk is full)" in lines[0]
         assert str(tmp_path / "droid.sqlite3") in lines[0]
         assert lines[1].endswith("writes succeed again")

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import (ACTIVE, FINAL, IDEMPOTENCY_TTL_S, PRIORITY_RANK, STATUSES, Change, Store,
-                   StoreFailing, StoreUnavailable)
+                   StoreUnavailable)
+from .health import StoreFailing
 
 if TYPE_CHECKING:
     from ..config import Config

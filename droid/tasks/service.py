@@ -20,12 +20,10 @@ import binascii
 import collections
 import datetime as dt
 import logging
-import math
-import time
 from typing import Any, Awaitable, Callable, Protocol
 
 from ..errors import Conflict, Invalid, NotFound
-from ..quotas import Quota, QuotaExceeded, task_size, too_many_per_minute
+from ..quotas import FullUsers, Quota, QuotaExceeded, task_size
 from ..store import PRIORITY_RANK, Change, Store
 from ..store.envelopes import task_json
 from ..util import dumps, loads, new_id, now_iso, utcnow
@@ -79,9 +77,9 @@ class TaskService:
         self.store = store
         self.quota = quota or Quota()
         self.max_page_bytes = max_page_bytes
-        # Users the per-minute quota refused, until their window ends (time.monotonic()): their
-        # next requests are refused without a store call or reading their body (a flood's).
-        self._full: dict[str, float] = {}
+        # Users the per-minute quota refused, until their window ends: their next requests are
+        # refused without a store call or reading their body (a flood's).
+        self._full = FullUsers(self.quota)
         self.publisher: Publisher = publisher or LogPublisher()
         store.on_recovered(self._deliver_recovered)
         self.max_retries = max_retries
@@ -132,22 +130,7 @@ class TaskService:
     def refused(self, user_id: str) -> QuotaExceeded | None:
         """The per-minute quota's refusal of the user while it holds (as the store said it
         last), else None: the caller answers it without creating anything."""
-        until = self._full.get(user_id)
-        if until is None:
-            return None
-        left = until - time.monotonic()
-        if left <= 0:
-            del self._full[user_id]
-            return None
-        return too_many_per_minute(self.quota, max(1, math.ceil(left)))
-
-    def _remember_full(self, user_id: str, retry_after: int) -> None:
-        if len(self._full) >= 1024:  # bounded: the expired go first, else the oldest
-            now = time.monotonic()
-            for key in [k for k, t in self._full.items() if t <= now] or [next(iter(self._full))]:
-                del self._full[key]
-        # The store rounds the rest of the window up to whole seconds: remember a little less.
-        self._full[user_id] = time.monotonic() + retry_after - 1
+        return self._full.refused(user_id)
 
     async def create(self, user_id: str, *, agent_id: str, prompt: str, priority: str = "normal",
                      metadata: dict | None = None,
@@ -179,8 +162,7 @@ class TaskService:
                                                   key_since=now - IDEMPOTENCY_WINDOW,
                                                   quota=self.quota, size=size)
         except QuotaExceeded as exc:
-            if exc.rule == "per-minute":
-                self._remember_full(user_id, exc.retry_after or 1)
+            self._full.remember(user_id, exc)
             raise
         if stored["_id"] != task_id:
             return task_json(stored), False

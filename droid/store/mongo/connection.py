@@ -32,7 +32,8 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from ...util import dumps, utcnow
-from ..base import Store, StoreFailing, StoreUnavailable
+from ..base import Store, StoreUnavailable
+from ..health import StoreFailing
 from ..slim import pack
 
 log = logging.getLogger(__name__)

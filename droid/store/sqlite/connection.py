@@ -21,7 +21,8 @@ from typing import Any, Callable, TypeVar
 from ..envelopes import envelope_of
 from ..slim import pack
 from ...util import dumps
-from ..base import Change, Store, StoreFailing, StoreUnavailable
+from ..base import Change, Store, StoreUnavailable
+from ..health import StoreFailing
 from .rows import SCHEMA, row_doc, row_values, to_ms
 from .thread import StoreThread
 
