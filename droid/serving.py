@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -13,6 +12,7 @@ import sys
 import tornado.netutil
 
 from . import __version__
+from .collector import Collector
 from .config import ConfigError, keep_generated_secret, load_config
 from .store import StoreUnavailable
 
@@ -106,11 +106,9 @@ async def serve(config) -> None:
     config = keep_generated_secret(config)
     droid = await make_app(config)
     await droid.start(sockets)
-    # What start-up built lives as long as the process: take it out of the collector's view,
-    # so that full collections (connection storms) do not walk it again and again.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 50, 50)
+    # What start-up built lives as long as the process, and so do most of a socket's objects:
+    # full collections run in small steps (droid/collector.py).
+    Collector().start()
     if config.jwt_secret_generated and not config.jwt_public_key:
         if config.jwt_secret_kept:
             log.warning("JWT_SECRET is not set: using a random key kept in %s (development "
