@@ -21,6 +21,7 @@ from .http.api import (AgentsHandler, CancelHandler, LoginHandler, MeHandler, Re
 from .http.base import NotFoundHandler
 from .http.eventlog import EventsHandler, EventStreamHandler
 from .http.front import Front, server_options
+from .http.listener import Listener, default_max_connections, descriptor_limit
 from .http.openapi import build_openapi
 from .http.ratelimit import AuthLimits
 from .http.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler,
@@ -83,6 +84,7 @@ class Droid:
         self.redis = redis
         self.owns_store = owns_store
         self.server: tornado.httpserver.HTTPServer | None = None
+        self.listener: Listener | None = None
         self.port: int | None = None
         self._stopped = False
 
@@ -96,18 +98,28 @@ class Droid:
             sockets = tornado.netutil.bind_sockets(self.config.port, self.config.host)
         self.server = tornado.httpserver.HTTPServer(self.application,
                                                     **server_options(self.config))
-        self.server.add_sockets(sockets)
+        self.listener = Listener(self.server, self._max_connections())
+        self.listener.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         await self.realtime.start()
         await self.worker.start()
+
+    def _max_connections(self) -> int:
+        limit = descriptor_limit()
+        cap = self.config.max_connections or default_max_connections(limit)
+        if cap > default_max_connections(limit):
+            log.warning("DROID_MAX_CONNECTIONS=%d leaves less than a tenth of the descriptor "
+                        "limit (%d) for the rest: accepting may run out of descriptors first",
+                        cap, limit)
+        return cap
 
     async def stop(self) -> None:
         """Stop in reverse order of start: listening, the worker, sockets, storage."""
         if self._stopped:
             return
         self._stopped = True
-        if self.server is not None:
-            self.server.stop()
+        if self.listener is not None:
+            self.listener.stop()
         await self.worker.stop()
         await self.realtime.close_sockets()
         await self.realtime.stop()

@@ -34,7 +34,7 @@ from typing import Any
 import tornado.websocket
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import SSLIOStream, StreamClosedError
 
 from . import adapter
 from .eager import run_eager, spawn_logged
@@ -180,7 +180,7 @@ class Transport:
         stream = self.stream
         if stream.closed() or adapter.closing(self.conn):
             return
-        if not adapter.buffered(stream) and type(stream) is IOStream:
+        if not adapter.buffered(stream) and not isinstance(stream, SSLIOStream):
             # Nothing waits before it: one send(), and no Future, when the kernel takes it all.
             try:
                 sent = stream.socket.send(data)
