@@ -22,6 +22,7 @@ from .guard import GuardedServer, endpoint_handler, engineio_origins
 from .presence import LocalPresence
 from .queue import MAX_BACKLOG, Bound
 from .handler import tornado_handler
+from .sessions import AnonSessions, SessionLimits, admitting
 
 log = logging.getLogger("droid.realtime")
 
@@ -46,7 +47,8 @@ class Realtime:
             async_mode="tornado", client_manager=manager, namespaces="*",
             cors_allowed_origins=engineio_origins(origins), max_http_buffer_size=MAX_PACKET,
             json=OrjsonModule, ping_interval=PING_INTERVAL_S, ping_timeout=PING_TIMEOUT_S,
-            logger=False, engineio_logger=False, bound=bound)
+            logger=False, engineio_logger=False, bound=bound,
+            sessions=AnonSessions(SessionLimits.from_config(config)))
         self.delivery = Delivery(store)
         publisher.listen(self.delivery.deliver)
         if manager is not None:
@@ -57,7 +59,8 @@ class Realtime:
         self.gateway = EventsGateway(self.sio, tokens, self.delivery, self.presence,
                                      metrics=metrics, counts_by_room=manager is not None)
         base = tornado_handler(self.sio.eio, compression=config.ws_compression)
-        self.handler = _tracked(endpoint_handler(base, self.sio.eio, origins))
+        self.handler = _tracked(admitting(endpoint_handler(base, self.sio.eio, origins),
+                                          self.sio.sessions))
 
     def socket_count(self) -> int:
         """Live /events sockets in this process."""

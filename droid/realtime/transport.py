@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import tornado.websocket
 from engineio import exceptions as eio_exceptions
@@ -281,6 +281,9 @@ class TransportServer(adapter.EngineServerBase):
         self.bound = bound
         super().__init__(*args, **kwargs)
         self.ws_transports: dict[str, Transport] = {}
+        # asked at each ping whether the session is still wanted (GuardedServer: on /events,
+        # or within its deadline to join); one that is not is ended
+        self.wanted: Callable[[str], bool] | None = None
         self.wheel = PingWheel(self)
         self._ending: set[asyncio.Task] = set()
 
