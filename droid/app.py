@@ -39,11 +39,12 @@ from .web import Origins
 
 log = logging.getLogger(__name__)
 
-_TOKEN_PARAM = re.compile(r"([?&]token=)[^&]*")
+# a bearer token, and an Engine.IO session id (whoever holds it holds the session)
+_TOKEN_PARAM = re.compile(r"([?&](?:token|sid)=)[^&]*")
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Tornado's access log line, with `?token=` redacted (it carries a bearer token)."""
+    """Tornado's access log line, with `?token=` and `?sid=` redacted."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not access_log.isEnabledFor(level):  # no redaction or timing for a line nobody keeps

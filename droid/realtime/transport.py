@@ -261,7 +261,14 @@ class _Opener:
         # no use after it.
         for key in _HANDSHAKE_ONLY:
             environ.pop(key, None)
-        Transport(self.server, self.socket, handler).attach()
+        sock = self.socket
+        if sock.upgrading or self.server.ws_transports.get(sock.sid) is not None:
+            # One upgrade at a time, as Node's engine.io: a second WebSocket for a session
+            # would take it over from the first (and from whoever opened that one).
+            log.info("refused a second WebSocket for one Engine.IO session, from %s",
+                     getattr(handler.request, "remote_ip", "?"))
+            return None
+        Transport(self.server, sock, handler).attach()
         return None
 
 
