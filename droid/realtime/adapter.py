@@ -14,6 +14,7 @@ setup.cfg's upper bounds are the releases that test has passed on.
 | `IOStream._write_buffer` | Tornado 6.6 | bytes written to a socket and not yet taken by the kernel: the slow-consumer bound (`buffered`) | yes: a `write_buffer_size()` |
 | `WebSocketProtocol13._compressor` | Tornado 6.6 | whether per-message deflate was negotiated: pre-built frames can only be written raw without it (`deflating`) | yes: a `compression_negotiated` property |
 | `WebSocketProtocol.server_terminated` | Tornado 6.6 | the server's close frame is out: write nothing more (`closing`) | it is public-looking but undocumented |
+| `WebSocketProtocol13._receive_frame`, `_read_bytes`, `_handle_message`, `client_terminated` | Tornado 6.6 | RFC 6455 on what a client sends (`strict_frames`): an unmasked frame (5.1) and a close frame with an invalid code (7.4) or reason are answered with a close 1002 (1007 for a reason that is not UTF-8) and the connection closed; Tornado took unmasked frames and echoed any close code | yes: it is a bug fix (Tornado should check the mask bit and the close code) |
 | `RequestHandler._headers`, `_transforms`, `ui`, `path_args`, `open_args` | Tornado 6.6 | what a WebSocket handler keeps for its whole life after `open()` and never reads again (`slim`) | a WebSocketHandler option to free the request |
 | `AsyncServer._async` (the driver table) | python-engineio 4.15 | its `websocket` entry is what a session calls to serve a WebSocket (Droid's transport attaches there), its `translate_request` entry builds each request's environ (here without a class object per request) | yes: a transport factory parameter |
 | `AsyncSocket._send_ping` | python-engineio 4.15 | the one background task each session starts (`start_background_task(self._send_ping)`, after every PONG): Droid's ping wheel takes its place instead of a sleeping task per socket | yes: a pluggable ping scheduler |
@@ -32,13 +33,14 @@ Public but undocumented attributes used as they are, also checked by the test: a
 """
 from __future__ import annotations
 
+import struct
 from typing import Any, Awaitable, Callable, Coroutine
 
 import engineio
 import socketio
 import tornado.websocket
 from engineio import async_socket
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamClosedError
 
 PING_TASK = async_socket.AsyncSocket._send_ping
 
@@ -78,6 +80,67 @@ def slim(handler: tornado.websocket.WebSocketHandler, request: Any) -> None:
     handler.path_args = handler.path_kwargs = None  # type: ignore[assignment]
     handler.open_args = handler.open_kwargs = None  # type: ignore[assignment]
     handler._transforms = None  # type: ignore[assignment]
+
+
+def strict_frames(protocol: Any) -> Any:
+    """`protocol` (what WebSocketHandler.get_websocket_protocol made) checking RFC 6455 on what
+    its client sends: see `_StrictProtocol13`."""
+    if type(protocol) is tornado.websocket.WebSocketProtocol13:
+        protocol.__class__ = _StrictProtocol13
+    return protocol
+
+
+# close codes a peer may send (RFC 6455 7.4, and IANA's registry for 1012-1014)
+_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+
+
+def close_refusal(payload: bytes) -> int | None:
+    """The close code that answers a client's close frame with this payload when it breaks RFC
+    6455 (1002 for its code, 1007 for a reason that is not UTF-8), or None."""
+    if not payload:
+        return None
+    if len(payload) == 1:
+        return 1002
+    code = struct.unpack("!H", payload[:2])[0]
+    if code not in _CLOSE_CODES and not 3000 <= code <= 4999:
+        return 1002
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return 1007
+    return None
+
+
+class _StrictProtocol13(tornado.websocket.WebSocketProtocol13):
+    """Tornado's protocol, failing the connection as RFC 6455 says on an unmasked client frame
+    (5.1) and on a close frame with an invalid code or reason (7.4, 5.5.1)."""
+
+    _frame_head = False
+
+    async def _receive_frame(self) -> None:
+        self._frame_head = True  # its first read is the frame's first two bytes
+        await super()._receive_frame()
+
+    async def _read_bytes(self, n: int) -> bytes:
+        data = await super()._read_bytes(n)
+        if self._frame_head:
+            self._frame_head = False
+            if not data[1] & 0x80:
+                self._fail(1002, "frame not masked")
+                raise StreamClosedError()
+        return data
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        if opcode == 0x8 and not self.client_terminated:
+            code = close_refusal(data)
+            if code is not None:
+                self._fail(code, "invalid close frame")
+                return None
+        return super()._handle_message(opcode, data)
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.client_terminated = True  # nothing more is read: close() closes the stream
+        self.close(code, reason)
 
 
 # python-engineio -------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ def tornado_handler(eio: TransportServer, *, compression: bool) -> type:
             # prepare() has refused every origin the CORS rule does not allow (guard.py).
             return True
 
+        def get_websocket_protocol(self) -> Any:
+            return adapter.strict_frames(super().get_websocket_protocol())
+
         def get_compression_options(self) -> dict | None:
             return {} if compression else None
 
