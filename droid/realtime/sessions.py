@@ -33,6 +33,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import time
 from typing import Any, Callable
 
 from ..web import write_error
@@ -210,6 +211,8 @@ def admitting(base: type, sessions: AnonSessions) -> type:
     """The Socket.IO endpoint's handler class (a subclass of droid.realtime.guard's, whose
     `prepare` refuses origins first), admitting handshakes against `sessions`."""
 
+    said = _Refusals()
+
     class Handler(base):  # type: ignore[misc, valid-type]
         admission: Waiting | None = None
 
@@ -221,8 +224,7 @@ def admitting(base: type, sessions: AnonSessions) -> type:
             try:
                 self.admission = sessions.admit(self.request.remote_ip)
             except Refused as refused:
-                log.info("refused a Socket.IO handshake from %s: %s", self.request.remote_ip,
-                         refused.message)
+                said.refused(self.request.remote_ip, refused.message)
                 write_error(self, refused.status, refused.message, retry_after=RETRY_AFTER_S)
 
         async def get(self, *args: Any, **kwargs: Any) -> None:
@@ -248,3 +250,26 @@ def admitting(base: type, sessions: AnonSessions) -> type:
                 self.admission = None
 
     return Handler
+
+
+class _Refusals:
+    """Refused handshakes in the log: the first at once, then at most a line every
+    `every` seconds with how many were refused meanwhile (a flood is one line every 10 s,
+    not one per request)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.last = -every
+        self.since = 0
+
+    def refused(self, address: str | None, message: str) -> None:
+        now = time.monotonic()
+        self.since += 1
+        if now - self.last < self.every:
+            return
+        if self.since == 1:
+            log.info("refused a Socket.IO handshake from %s: %s", address, message)
+        else:
+            log.info("refused %d Socket.IO handshakes in %.0f s (the last from %s: %s)",
+                     self.since, now - self.last, address, message)
+        self.last, self.since = now, 0
