@@ -41,7 +41,7 @@ from ..web import BoundedBody, Origins, write_error
 from .adapter import SocketIOServerBase
 from .eager import spawn_logged
 from .queue import Bound
-from .sessions import AnonSessions, SessionLimits
+from .sessions import Answered, AnonSessions, SessionLimits
 from .sessions import end as end_session
 from .transport import TransportServer
 from .wire import CLIENT_SOCKETIO_PACKETS, NAMESPACE, POLLING_ENGINE_PACKETS
@@ -166,6 +166,7 @@ class GuardedServer(SocketIOServerBase):
         super().__init__(*args, **kwargs)
         self.sessions = sessions or AnonSessions(SessionLimits())
         self.sessions.expire = self._expire
+        self.sessions.on_answered = self._answered
         self.eio.wanted = self._wanted
 
     def engine_class(self) -> Any:
@@ -210,6 +211,11 @@ class GuardedServer(SocketIOServerBase):
         environ = self.environ.get(eio_sid) or {}
         handler = environ.get("tornado.handler")
         self.sessions.opened(getattr(handler, "admission", None), eio_sid)
+
+    def _answered(self, eio_sid: str, handler: Any) -> None:
+        environ = self.environ.get(eio_sid)
+        if environ is not None and environ.get("tornado.handler") is handler:
+            environ["tornado.handler"] = Answered(handler)
 
     def on_session_end(self, eio_sid: str) -> None:
         self.sessions.ended(eio_sid)

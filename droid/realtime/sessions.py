@@ -98,6 +98,7 @@ class AnonSessions:
                  expire: Callable[[str, str], None] | None = None) -> None:
         self.limits = limits
         self.expire = expire
+        self.on_answered: Callable[[str, Any], None] | None = None
         self.count = 0
         self.by_address: dict[str, int] = {}
         self.by_sid: dict[str, Waiting] = {}
@@ -138,6 +139,13 @@ class AnonSessions:
         self.by_sid[sid] = waiting
         limits = self.limits
         waiting.timer = loop.call_later(min(limits.connect_s, limits.join_s), self._due, sid)
+
+    def answered(self, sid: str, handler: Any) -> None:
+        """The long-polling handshake that made session `sid` is answered: python-socketio
+        keeps its environ for the session's life, and there the handler (with its request,
+        headers, connection and stream: ~5 KB) is only read for the client's address."""
+        if self.on_answered is not None:
+            self.on_answered(sid, handler)
 
     def connecting(self, sid: str) -> None:
         """The session sent a Socket.IO CONNECT: it has until `join_s` from its handshake."""
@@ -188,6 +196,23 @@ class AnonSessions:
             self.by_address.pop(key, None)
 
 
+class Answered:
+    """What stays of an answered handshake's handler in its session's environ: the address
+    log lines and the gateway read (`environ["tornado.handler"].request.remote_ip`)."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, handler: Any) -> None:
+        self.request = _Peer(handler.request.remote_ip)
+
+
+class _Peer:
+    __slots__ = ("remote_ip",)
+
+    def __init__(self, remote_ip: str | None) -> None:
+        self.remote_ip = remote_ip
+
+
 def end(eio: Any, sid: str) -> None:
     """Let go of an ending session (python-engineio's `disconnect` event for it has fired):
     its queue's reference to it (a cycle: the session holds the queue), and the engine
@@ -231,7 +256,11 @@ def admitting(base: type, sessions: AnonSessions) -> type:
             try:
                 await super().get(*args, **kwargs)
             finally:
+                waiting = self.admission
                 self._admitted()
+                if waiting is not None and waiting.sid is not None and \
+                        getattr(self, "ws_connection", None) is None:
+                    sessions.answered(waiting.sid, self)
 
         async def open(self, *args: Any, **kwargs: Any) -> None:
             try:
