@@ -14,7 +14,8 @@ setup.cfg's upper bounds are the releases that test has passed on.
 | `IOStream._write_buffer` | Tornado 6.6 | bytes written to a socket and not yet taken by the kernel: the slow-consumer bound (`buffered`) | yes: a `write_buffer_size()` |
 | `WebSocketProtocol13._compressor` | Tornado 6.6 | whether per-message deflate was negotiated: pre-built frames can only be written raw without it (`deflating`) | yes: a `compression_negotiated` property |
 | `WebSocketProtocol.server_terminated` | Tornado 6.6 | the server's close frame is out: write nothing more (`closing`) | it is public-looking but undocumented |
-| `WebSocketProtocol13._receive_frame`, `_read_bytes`, `_handle_message`, `client_terminated` | Tornado 6.6 | RFC 6455 on what a client sends (`strict_frames`): an unmasked frame (5.1) and a close frame with an invalid code (7.4) or reason are answered with a close 1002 (1007 for a reason that is not UTF-8) and the connection closed; Tornado took unmasked frames and echoed any close code | yes: it is a bug fix (Tornado should check the mask bit and the close code) |
+| `WebSocketProtocol13._receive_frame`, `_read_bytes`, `_handle_message`, `client_terminated` | Tornado 6.6 | RFC 6455 on what a client sends (`websocket_protocol`): an unmasked frame (5.1) and a close frame with an invalid code (7.4) or reason are answered with a close 1002 (1007 for a reason that is not UTF-8) and the connection closed; Tornado took unmasked frames and echoed any close code | yes: it is a bug fix (Tornado should check the mask bit and the close code) |
+| `WebSocketProtocol13._create_compressors` | Tornado 6.6 | per-message deflate without context takeover either way (`websocket_protocol`): the server's answer adds `server_no_context_takeover` and `client_no_context_takeover` (RFC 7692 7.1.1 lets it), so no zlib stream is kept per socket (150-183 KB each); Tornado answers with the client's offer as it parsed it, and its parser drops parameters without a value, so no offer can ask for it | yes: a `no_context_takeover` compression option |
 | `RequestHandler._headers`, `_transforms`, `ui`, `path_args`, `open_args` | Tornado 6.6 | what a WebSocket handler keeps for its whole life after `open()` and never reads again (`slim`) | a WebSocketHandler option to free the request |
 | `AsyncServer._async` (the driver table) | python-engineio 4.15 | its `websocket` entry is what a session calls to serve a WebSocket (Droid's transport attaches there), its `translate_request` entry builds each request's environ (here without a class object per request) | yes: a transport factory parameter |
 | `AsyncSocket._send_ping` | python-engineio 4.15 | the one background task each session starts (`start_background_task(self._send_ping)`, after every PONG): Droid's ping wheel takes its place instead of a sleeping task per socket | yes: a pluggable ping scheduler |
@@ -82,11 +83,11 @@ def slim(handler: tornado.websocket.WebSocketHandler, request: Any) -> None:
     handler._transforms = None  # type: ignore[assignment]
 
 
-def strict_frames(protocol: Any) -> Any:
+def websocket_protocol(protocol: Any) -> Any:
     """`protocol` (what WebSocketHandler.get_websocket_protocol made) checking RFC 6455 on what
-    its client sends: see `_StrictProtocol13`."""
+    its client sends, and deflating without context takeover: see `_DroidProtocol13`."""
     if type(protocol) is tornado.websocket.WebSocketProtocol13:
-        protocol.__class__ = _StrictProtocol13
+        protocol.__class__ = _DroidProtocol13
     return protocol
 
 
@@ -111,9 +112,20 @@ def close_refusal(payload: bytes) -> int | None:
     return None
 
 
-class _StrictProtocol13(tornado.websocket.WebSocketProtocol13):
+class _DroidProtocol13(tornado.websocket.WebSocketProtocol13):
     """Tornado's protocol, failing the connection as RFC 6455 says on an unmasked client frame
-    (5.1) and on a close frame with an invalid code or reason (7.4, 5.5.1)."""
+    (5.1) and on a close frame with an invalid code or reason (7.4, 5.5.1), and, when
+    per-message deflate is negotiated, answering that neither side keeps its compression
+    context between messages (RFC 7692 7.1.1): each message is deflated and inflated on its own,
+    and a socket keeps no zlib stream."""
+
+    def _create_compressors(self, side: str, agreed_parameters: dict,
+                            compression_options: dict | None = None) -> None:
+        if side == "server":
+            # the same dict Tornado then writes as its answer (Sec-WebSocket-Extensions)
+            agreed_parameters["server_no_context_takeover"] = None
+            agreed_parameters["client_no_context_takeover"] = None
+        super()._create_compressors(side, agreed_parameters, compression_options)
 
     _frame_head = False
 
