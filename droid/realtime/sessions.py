@@ -240,6 +240,7 @@ def admitting(base: type, sessions: AnonSessions) -> type:
 
     class Handler(base):  # type: ignore[misc, valid-type]
         admission: Waiting | None = None
+        serving = False
 
         async def prepare(self) -> None:
             await super().prepare()
@@ -253,14 +254,15 @@ def admitting(base: type, sessions: AnonSessions) -> type:
                 write_error(self, refused.status, refused.message, retry_after=RETRY_AFTER_S)
 
         async def get(self, *args: Any, **kwargs: Any) -> None:
+            waiting = self.admission
+            self.serving = True
             try:
                 await super().get(*args, **kwargs)
             finally:
-                waiting = self.admission
                 self._admitted()
                 if waiting is not None and waiting.sid is not None and \
                         getattr(self, "ws_connection", None) is None:
-                    sessions.answered(waiting.sid, self)
+                    sessions.answered(waiting.sid, self)  # even when its client is gone
 
         async def open(self, *args: Any, **kwargs: Any) -> None:
             try:
@@ -269,7 +271,8 @@ def admitting(base: type, sessions: AnonSessions) -> type:
                 self._admitted()
 
         def on_connection_close(self) -> None:
-            self._admitted()
+            if not self.serving:  # get() never ran: nothing else will let go of the count
+                self._admitted()
             super().on_connection_close()
 
         def _admitted(self) -> None:
