@@ -36,12 +36,16 @@ def refused_as(reply, status: int, message: str) -> None:
     assert reply.headers["retry-after"] == "2"
 
 
-async def test_handshakes_are_capped_per_client_address(droid_factory, listen):
+async def test_handshakes_are_capped_per_client_address(droid_factory, listen, caplog):
     droid = await droid_factory(DROID_ANON_SESSIONS_PER_ADDRESS="3")
     for _ in range(3):
         assert (await handshake(droid.port)).status == 200
-    refused_as(await handshake(droid.port), 429,
-               "Too many Socket.IO sessions from this address")
+    for _ in range(20):
+        refused_as(await handshake(droid.port), 429,
+                   "Too many Socket.IO sessions from this address")
+    # a flood of refusals is a line, then a line every 10 s with the count, not a line each
+    assert sum("Socket.IO handshake" in r.getMessage() for r in caplog.records
+               if r.name == "droid.sessions") == 1
     # a WebSocket handshake is refused the same way, before the upgrade
     ws = await request(droid.port, "/socket.io/?EIO=4&transport=websocket", headers={
         "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",

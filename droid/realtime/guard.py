@@ -41,7 +41,7 @@ from ..web import BoundedBody, Origins, write_error
 from .adapter import SocketIOServerBase
 from .eager import spawn_logged
 from .queue import Bound
-from .sessions import Answered, AnonSessions, SessionLimits
+from .sessions import Answered, AnonSessions, SessionLimits, Summary
 from .sessions import end as end_session
 from .transport import TransportServer
 from .wire import CLIENT_SOCKETIO_PACKETS, NAMESPACE, POLLING_ENGINE_PACKETS
@@ -167,6 +167,8 @@ class GuardedServer(SocketIOServerBase):
         self.sessions = sessions or AnonSessions(SessionLimits())
         self.sessions.expire = self._expire
         self.sessions.on_answered = self._answered
+        self._expired_log = Summary("ended an Engine.IO session from %s: %s",
+                                    "ended %d Engine.IO sessions in %.0f s (the last from %s: %s)")
         self.eio.wanted = self._wanted
 
     def engine_class(self) -> Any:
@@ -230,10 +232,10 @@ class GuardedServer(SocketIOServerBase):
         session = self.eio.session(eio_sid)
         if session is None:
             return
-        log.info("ending an Engine.IO session from %s: %s", _address(self.environ.get(eio_sid)),
-                 why)
+        self._expired_log(_address(self.environ.get(eio_sid)), why)
         self._close_transport(eio_sid)
-        self.eio.end_session_soon(session)
+        spawn_logged(self.eio.end_session(session, self.eio.reason.TRANSPORT_ERROR,
+                                          abort=False), "ending a session")
 
     async def on_packet(self, eio_sid: str, data: Any,
                         handle: Callable[[str, Any], Coroutine]) -> None:

@@ -30,6 +30,7 @@ finding 1: one client made 81,404 in 30 s over 4 keep-alive connections, RSS 77 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import ipaddress
 import logging
@@ -41,6 +42,7 @@ from ..web import write_error
 log = logging.getLogger("droid.sessions")
 
 RETRY_AFTER_S = 2
+EXPIRY_BATCH = 100  # sessions ended per turn of the loop
 PER_ADDRESS_MESSAGE = "Too many Socket.IO sessions from this address"
 TOTAL_MESSAGE = "Too many Socket.IO sessions"
 
@@ -102,6 +104,7 @@ class AnonSessions:
         self.count = 0
         self.by_address: dict[str, int] = {}
         self.by_sid: dict[str, Waiting] = {}
+        self._expiring: collections.deque[tuple[str, bool]] = collections.deque()
 
     # admission (the Tornado handler)
 
@@ -177,12 +180,29 @@ class AnonSessions:
         if waiting is None:
             return
         self._uncount(waiting)
-        if self.expire is not None:
-            if waiting.connecting:
-                why = f"not on /events after {self.limits.join_s:g} s"
+        if self.expire is None:
+            return
+        # Sessions made in a burst are due in a burst: ended a batch per turn of the loop, so
+        # that requests in between are not kept waiting behind thousands of them.
+        self._expiring.append((sid, waiting.connecting))
+        if len(self._expiring) == 1:
+            asyncio.get_running_loop().call_soon(self._expire_some)
+
+    def _expire_some(self) -> None:
+        expiring = self._expiring
+        limits = self.limits
+        for _ in range(min(len(expiring), EXPIRY_BATCH)):
+            sid, connecting = expiring.popleft()
+            if connecting:
+                why = f"not on /events after {limits.join_s:g} s"
             else:
-                why = f"no Socket.IO CONNECT within {min(self.limits.connect_s, self.limits.join_s):g} s"
-            self.expire(sid, why)
+                why = f"no Socket.IO CONNECT within {min(limits.connect_s, limits.join_s):g} s"
+            try:
+                self.expire(sid, why)
+            except Exception:
+                log.exception("ending an Engine.IO session failed")
+        if expiring:
+            asyncio.get_running_loop().call_soon(self._expire_some)
 
     def _uncount(self, waiting: Waiting) -> None:
         key, waiting.key = waiting.key, None
@@ -236,7 +256,8 @@ def admitting(base: type, sessions: AnonSessions) -> type:
     """The Socket.IO endpoint's handler class (a subclass of droid.realtime.guard's, whose
     `prepare` refuses origins first), admitting handshakes against `sessions`."""
 
-    said = _Refusals()
+    refused_log = Summary("refused a Socket.IO handshake from %s: %s",
+                          "refused %d Socket.IO handshakes in %.0f s (the last from %s: %s)")
 
     class Handler(base):  # type: ignore[misc, valid-type]
         admission: Waiting | None = None
@@ -250,7 +271,7 @@ def admitting(base: type, sessions: AnonSessions) -> type:
             try:
                 self.admission = sessions.admit(self.request.remote_ip)
             except Refused as refused:
-                said.refused(self.request.remote_ip, refused.message)
+                refused_log(self.request.remote_ip, refused.message)
                 write_error(self, refused.status, refused.message, retry_after=RETRY_AFTER_S)
 
         async def get(self, *args: Any, **kwargs: Any) -> None:
@@ -284,24 +305,33 @@ def admitting(base: type, sessions: AnonSessions) -> type:
     return Handler
 
 
-class _Refusals:
-    """Refused handshakes in the log: the first at once, then at most a line every
-    `every` seconds with how many were refused meanwhile (a flood is one line every 10 s,
-    not one per request)."""
+class Summary:
+    """One kind of event in the log: the first at once, then at most a line every `every`
+    seconds saying how many came meanwhile (a flood is a line every 10 s, not one per event).
+    `first` and `many` are %-formats; `many` gets the count and the seconds first, then the
+    arguments of the last event."""
 
-    def __init__(self, every: float = 10.0) -> None:
-        self.every = every
+    def __init__(self, first: str, many: str, every: float = 10.0) -> None:
+        self.first, self.many, self.every = first, many, every
         self.last = -every
         self.since = 0
+        self.args: tuple = ()
+        self.timer: asyncio.TimerHandle | None = None
 
-    def refused(self, address: str | None, message: str) -> None:
+    def __call__(self, *args: Any) -> None:
         now = time.monotonic()
-        self.since += 1
-        if now - self.last < self.every:
+        if self.since == 0 and now - self.last >= self.every:
+            self.last = now
+            log.info(self.first, *args)
             return
-        if self.since == 1:
-            log.info("refused a Socket.IO handshake from %s: %s", address, message)
-        else:
-            log.info("refused %d Socket.IO handshakes in %.0f s (the last from %s: %s)",
-                     self.since, now - self.last, address, message)
+        self.since += 1
+        self.args = args
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(
+                max(0.0, self.last + self.every - now), self._flush)
+
+    def _flush(self) -> None:
+        self.timer = None
+        now = time.monotonic()
+        log.info(self.many, self.since, now - self.last, *self.args)
         self.last, self.since = now, 0
