@@ -69,11 +69,16 @@ async def until(predicate, timeout: float = 10.0, interval: float = 0.05):
         await asyncio.sleep(interval)
 
 
-async def health(url: str) -> int:
+async def health(url: str, timeout: float = 10.0) -> int:
+    """GET /health until it answers 200 (the server sees the closed connections go first)."""
     http = AsyncHTTPClient(force_instance=True)
+    deadline = time.monotonic() + timeout
     try:
-        reply = await http.fetch(url + "/health", request_timeout=5, raise_error=False)
-        return reply.code
+        while True:
+            reply = await http.fetch(url + "/health", request_timeout=5, raise_error=False)
+            if reply.code == 200 or time.monotonic() > deadline:
+                return reply.code
+            await asyncio.sleep(0.05)
     finally:
         http.close()
 
@@ -111,9 +116,10 @@ async def test_connections_over_the_cap_are_refused_at_once(spawn):  # noqa: F81
     finally:
         for conn in conns:
             conn.close()
-    assert await until(lambda: "accepting connections again" in proc.output())
     assert await health(proc.url) == 200
     log = proc.output()
+    # One line for the whole episode, however often the count touched the cap (one more, with
+    # the count, once nothing was refused for 10 s).
     assert log.count("refusing connections") == 1, log
     assert "Traceback" not in log and "Errno 24" not in log, log
 
@@ -134,9 +140,9 @@ async def test_out_of_descriptors_pauses_accepting_and_says_so_once(spawn):  # n
     finally:
         for conn in conns:
             conn.close()
-    assert await until(lambda: "accepting connections again after" in proc.output(),
-                       timeout=20)
     assert await health(proc.url) == 200
+    assert await until(lambda: "accepting connections again: no EMFILE" in proc.output(),
+                       timeout=20)
     log = proc.output()
     assert log.count("cannot accept connections") == 1, log
     assert "Traceback" not in log and "Errno 24" not in log, log

@@ -13,7 +13,10 @@
     read: cheap, and the descriptor it took comes back at once;
   - `accept()` failing for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
     stops accepting for a moment (50 ms, doubling up to 1 s while it lasts): connections wait in
-    the kernel's backlog. One WARNING when it starts, one line when accepting works again.
+    the kernel's backlog.
+  Each is logged as an episode: one WARNING when it starts, one when it has not recurred for
+  10 s, with how many times it happened (at the cap, connections come and go many times a
+  second: a line each time would be a flood of its own).
   Accepted connections are handed to the HTTP server through its public `handle_stream`.
 - Streams of accepted connections count themselves out when their descriptor is closed, and
   drop the traceback of the error that closed them: Tornado keeps that error on the stream
@@ -43,6 +46,7 @@ log = logging.getLogger("droid.listener")
 # accept() errors that mean "not now": out of descriptors (per process, system-wide), or memory
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _PAUSE_MIN_S, _PAUSE_MAX_S = 0.05, 1.0
+QUIET_S = 10.0  # an episode (refusing, running out) is over when it has not recurred this long
 # connections accepted per wake-up (Tornado's own batch), so that others get the loop too
 _BATCH = 128
 RETRY_AFTER_S = 1
@@ -79,13 +83,47 @@ def default_max_connections(limit: int | None = None) -> int:
     return max(1, limit - max(64, limit // 10))
 
 
-class _Exhaustion:
-    """One episode of failing accept()s: logged when it starts and when it ends."""
+class _Episode:
+    """A condition that comes and goes many times a second while it lasts (refusing over the
+    cap, accept() failing): `happened()` is True when it starts an episode (log it then), and
+    `ended(seconds, count)` is called once it has not happened for QUIET_S."""
 
-    __slots__ = ("started", "pauses", "delay", "reason")
+    __slots__ = ("io_loop", "ended", "started", "last", "count", "timer")
 
-    def __init__(self, now: float, reason: str) -> None:
-        self.started, self.pauses, self.delay, self.reason = now, 0, _PAUSE_MIN_S, reason
+    def __init__(self, io_loop: IOLoop, ended: Any) -> None:
+        self.io_loop, self.ended = io_loop, ended
+        self.started = self.last = 0.0
+        self.count = 0
+        self.timer: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.count > 0
+
+    def happened(self) -> bool:
+        now = self.io_loop.time()
+        first = self.count == 0
+        if first:
+            self.started = now
+        self.last = now
+        self.count += 1
+        if self.timer is None:
+            self.timer = self.io_loop.call_later(QUIET_S, self._check)
+        return first
+
+    def _check(self) -> None:
+        now = self.io_loop.time()
+        if now - self.last < QUIET_S:
+            self.timer = self.io_loop.call_later(self.last + QUIET_S - now, self._check)
+            return
+        self.timer = None
+        count, self.count = self.count, 0
+        self.ended(self.last - self.started, count)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.io_loop.remove_timeout(self.timer)
+            self.timer = None
 
 
 class Listener:
@@ -96,9 +134,11 @@ class Listener:
         self.max_connections = max_connections
         self.open = 0             # connections whose descriptor is open
         self.refused = 0          # refused over the cap, since start
-        self._refusing = 0        # refused in the current episode (0: not refusing)
         self._sockets: dict[int, socket.socket] = {}
-        self._paused: _Exhaustion | None = None
+        self._refusing: _Episode | None = None
+        self._exhausted: _Episode | None = None
+        self._exhausted_by = ""
+        self._pause_s = _PAUSE_MIN_S
         self._resume: Any = None
         self._io_loop: IOLoop | None = None
         self._listening = False   # the accept handlers are registered
@@ -108,6 +148,8 @@ class Listener:
 
     def add_sockets(self, sockets: list[socket.socket]) -> None:
         self._io_loop = IOLoop.current()
+        self._refusing = _Episode(self._io_loop, self._refusing_over)
+        self._exhausted = _Episode(self._io_loop, self._exhausted_over)
         for sock in sockets:
             sock.setblocking(False)
             self._sockets[sock.fileno()] = sock
@@ -135,6 +177,9 @@ class Listener:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
+        for episode in (self._refusing, self._exhausted):
+            if episode is not None:
+                episode.cancel()
 
     # accepting
 
@@ -149,8 +194,6 @@ class Listener:
             except OSError as exc:
                 self._pause(exc)
                 return
-            if self._paused is not None:
-                self._paused_over()
             if self.open >= self.max_connections:
                 self._refuse(conn)
                 continue
@@ -172,53 +215,50 @@ class Listener:
 
     def _refuse(self, conn: socket.socket) -> None:
         self.refused += 1
-        if not self._refusing:
+        if self._refusing.happened():
             log.warning("refusing connections: %d open (the cap, DROID_MAX_CONNECTIONS)",
                         self.open)
-        self._refusing += 1
         try:
             conn.send(REFUSAL, socket.MSG_DONTWAIT)
         except OSError:
             pass  # gone already, or no room: the close says the same
         conn.close()
 
+    def _refusing_over(self, seconds: float, count: int) -> None:
+        log.warning("no connection refused over the cap for %g s (%d refused in %.1f s)",
+                    QUIET_S, count, seconds)
+
     def _closed(self) -> None:
         """A counted connection's descriptor was closed."""
         self.open -= 1
-        if self._refusing and self.open < self.max_connections:
-            log.warning("accepting connections again (%d refused over the cap)", self._refusing)
-            self._refusing = 0
 
     # running out
 
     def _pause(self, exc: OSError) -> None:
         if exc.errno not in _EXHAUSTED:
             log.debug("accept() failed", exc_info=True)
-        now = self._io_loop.time()
-        episode = self._paused
-        if episode is None:
-            reason = f"{errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror})"
-            episode = self._paused = _Exhaustion(now, reason)
+        if self._exhausted.happened():
+            self._exhausted_by = f"{errno.errorcode.get(exc.errno or 0, exc.errno)} " \
+                                 f"({exc.strerror})"
+            self._pause_s = _PAUSE_MIN_S
             log.warning("cannot accept connections: %s, with %d open and a limit of %d "
-                        "descriptors; pausing accepts until it passes", reason, self.open,
-                        descriptor_limit())
+                        "descriptors; pausing accepts until it passes", self._exhausted_by,
+                        self.open, descriptor_limit())
         else:
-            episode.delay = min(_PAUSE_MAX_S, episode.delay * 2)
-        episode.pauses += 1
+            self._pause_s = min(_PAUSE_MAX_S, self._pause_s * 2)
         if self._resume is not None:
             return
         self._listen(False)
-        self._resume = self._io_loop.call_later(episode.delay, self._resume_accepting)
+        self._resume = self._io_loop.call_later(self._pause_s, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._resume = None
         if not self._stopped:
             self._listen(True)
 
-    def _paused_over(self) -> None:
-        episode, self._paused = self._paused, None
-        log.warning("accepting connections again after %.1f s of %s (%d pauses)",
-                    self._io_loop.time() - episode.started, episode.reason, episode.pauses)
+    def _exhausted_over(self, seconds: float, count: int) -> None:
+        log.warning("accepting connections again: no %s for %g s (%d pauses in %.1f s)",
+                    self._exhausted_by, QUIET_S, count, seconds)
 
 
 class _CountedStream(IOStream):
