@@ -100,7 +100,11 @@ def listen(config) -> list:
 
 async def serve(config) -> None:
     from .app import make_app
+    from .http.listener import raise_descriptor_limit
 
+    # Every connection is a descriptor; the soft limit is often 1,024 where the hard one is far
+    # higher. The connection cap (DROID_MAX_CONNECTIONS) is taken under the raised limit.
+    before, limit = raise_descriptor_limit()
     sockets = listen(config)
     describe_storage(config)
     config = keep_generated_secret(config)
@@ -122,6 +126,9 @@ async def serve(config) -> None:
         log.info("REDIS_URL is set: events and connection counts are shared through Redis")
     log.info("Droid listening on http://%s:%d (env %s, worker concurrency %d)", config.host,
              droid.port, config.env, config.worker_concurrency)
+    log.info("descriptor limit %d%s; at most %d connections open at once", limit,
+             f" (raised from {before})" if limit != before else "",
+             droid.listener.max_connections)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,7 +24,7 @@ import logging
 import socket
 import struct
 import zlib
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from . import adapter
 from .wire import ws_frame
@@ -36,9 +36,10 @@ CLOSE_TIMEOUT_S = 5.0  # how long a close handshake may take before the socket i
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 _READ_SIZE = 65536
-# Close codes a peer may send (RFC 6455 7.4.1 and the IANA registry): 1000-1003, 1007-1011,
+# Close codes a peer may send (RFC 6455 7.4.1 and the IANA registry): 1000-1003, 1007-1014,
 # 3000-4999. 1004-1006 and 1015 must never be sent; the rest of 1000-2999 is reserved.
-_VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011))
+_VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
+                          1014))
 
 
 def valid_close_code(code: int) -> bool:
@@ -90,10 +91,11 @@ class WebSocket:
 
     __slots__ = ("sock", "fd", "loop", "listener", "inbuf", "outbuf", "state", "deflate",
                  "max_message", "parts", "part_opcode", "part_deflated", "paused", "timer",
-                 "peer", "close_code")
+                 "peer", "close_code", "on_closed")
 
-    def __init__(self, sock: socket.socket, *, deflate: bool, max_message: int,
-                 peer: str) -> None:
+    def __init__(self, sock: socket.socket, *, deflate: bool, max_message: int, peer: str,
+                 on_closed: Callable[[], None] | None = None) -> None:
+        """`on_closed` is called once the socket is closed (the accept loop's count)."""
         self.sock = sock
         self.fd = sock.fileno()
         self.loop = asyncio.get_running_loop()
@@ -110,6 +112,7 @@ class WebSocket:
         self.timer: asyncio.TimerHandle | None = None
         self.peer = peer
         self.close_code: int | None = None
+        self.on_closed = on_closed
 
     # opening
 
@@ -363,6 +366,9 @@ class WebSocket:
             self.sock.close()
         except OSError:
             pass
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
         listener, self.listener = self.listener, None
         if listener is not None:
             listener.on_close()
