@@ -316,8 +316,9 @@ class WebSocket:
         if self.state is CLOSING:  # the answer to ours
             self._finish()
             return
-        # Echo the code (RFC 6455 5.5.1), then the server closes the TCP connection.
-        self._close_and_drop(code if code != 1005 else 1000)
+        # Echo the code (RFC 6455 5.5.1; none for none), then the server closes the TCP
+        # connection.
+        self._close_and_drop(None if code == 1005 else code)
 
     def _fail(self, code: int, why: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): our close frame, then the TCP connection."""
@@ -325,7 +326,7 @@ class WebSocket:
         self.inbuf = None
         self._close_and_drop(code)
 
-    def _close_and_drop(self, code: int) -> None:
+    def _close_and_drop(self, code: int | None) -> None:
         """Our close frame (unless sent already), then close the socket once it is out."""
         self.close(code)
         self.timer, timer = None, self.timer
@@ -336,14 +337,16 @@ class WebSocket:
 
     # closing
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the close handshake: our close frame, then theirs (or CLOSE_TIMEOUT_S)."""
+    def close(self, code: int | None = 1000, reason: str = "") -> None:
+        """Start the close handshake: our close frame (without a code when `code` is None), then
+        theirs (or CLOSE_TIMEOUT_S)."""
         if self.state is CLOSED or self.state is CLOSING:
             return
         self.state = CLOSING
         self.close_code = code
         self.parts = None
-        self._write(ws_frame(struct.pack("!H", code) + reason.encode()[:123], 0x8))
+        payload = b"" if code is None else struct.pack("!H", code) + reason.encode()[:123]
+        self._write(ws_frame(payload, 0x8))
         if self.state is CLOSING:
             self.timer = self.loop.call_later(CLOSE_TIMEOUT_S, self.abort)
 
