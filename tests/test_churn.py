@@ -74,3 +74,59 @@ async def test_handshakes_reset_after_the_request_leave_nothing_behind(droid_fac
         assert left() == {} and not droid.sio.eio.sockets
     finally:
         gc.enable()
+
+
+async def test_sockets_that_come_and_go_leave_nothing_behind(droid, listen):
+    """A socket's whole life (handshake, /events, envelopes, a clean disconnect or a dropped
+    connection) leaves no reference cycle: droid/collector.py freezes what lives long, and
+    counts on reference counting to free a socket when it goes (issue 21)."""
+    import uuid
+
+    from droid.realtime.delivery import Outbox
+    from droid.realtime.transport import Transport
+    from droid.realtime.websocket import WebSocket
+    from rawsio import RawSocket
+    from test_events import mint
+
+    kinds = (AsyncSocket, Transport, WebSocket, Outbox, IOStream, RequestHandler)
+
+    def count() -> dict[str, int]:
+        counts = dict.fromkeys((k.__name__ for k in kinds), 0)
+        for obj in gc.get_objects():
+            for kind in type(obj).__mro__:  # (isinstance fails on a dead weak proxy)
+                if kind in kinds:
+                    counts[kind.__name__] += 1
+                    break
+        return counts
+
+    loop = asyncio.get_running_loop()
+    gc.collect()
+    before = count()
+    gc.disable()
+    try:
+        user = str(uuid.uuid4())
+        for round_ in range(3):
+            sockets = [await RawSocket(droid.url).open({"token": mint(user), "lastSeq": 0})
+                       for _ in range(10)]
+            for sock in sockets:
+                await sock.wait_for(lambda sock=sock: sock.of("connected"))
+            await droid.events.publish(user, "task.created", {"taskId": f"t{round_}"})
+            for sock in sockets:
+                await sock.wait_for(lambda sock=sock: sock.of("task.created"))
+            for i, sock in enumerate(sockets):
+                if i % 2:
+                    sock.kill()  # no close frame, no Socket.IO disconnect
+                else:
+                    await sock.close()
+        polling = await listen(droid.url, mint(user), transports=["polling"])
+        await polling.next("connected")
+        await polling.close()
+        deadline = loop.time() + 10
+        while (droid.gateway.sockets or droid.sio.eio.sockets) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # what closes them runs in the next turns
+        assert not droid.gateway.sockets and not droid.sio.eio.sockets
+        left = {k: v - before[k] for k, v in count().items() if v > before[k]}
+        assert left == {}, left
+    finally:
+        gc.enable()

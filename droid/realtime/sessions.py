@@ -235,8 +235,8 @@ class _Peer:
 
 def end(eio: Any, sid: str) -> None:
     """Let go of an ending session (python-engineio's `disconnect` event for it has fired):
-    its queue's reference to it (a cycle: the session holds the queue), and the engine
-    server's entry, once its close has run (the CLOSE packet for a long-poll is queued by
+    its queue's reference to it (a cycle: the session holds the queue), a long-poll waiting on
+    it, and the engine server's entry, once its close has run (the CLOSE packet for a long-poll is queued by
     then; a poll that comes later is answered as for any unknown session)."""
     session = eio.sockets.get(sid)
     if session is None:
@@ -244,6 +244,10 @@ def end(eio: Any, sid: str) -> None:
     queue = session.queue
     if getattr(queue, "session", None) is session:
         queue.session = None
+    if getattr(queue, "transport", None) is None:
+        # A long-poll still waiting (its client closed the session from another request) is
+        # answered now, not at its timeout: it holds its request, stream and the session.
+        queue.put_nowait(None)
     asyncio.get_running_loop().call_soon(_forget, eio, sid, session)
 
 
