@@ -222,7 +222,12 @@ class Server:
         if kind == "droid":
             # A fresh embedded store per server run (the fan-out workloads never touch it).
             env.update(LOG_LEVEL="WARNING", DROID_DEMO_DELAY_S="0", DROID_ENV="development",
-                       DROID_DATA_DIR=str(log_path.parent / f"droid-data-{os.getpid()}-{id(self)}"))
+                       DROID_DATA_DIR=str(log_path.parent / f"droid-data-{os.getpid()}-{id(self)}"),
+                       # thousands of handshakes at once from one address, the load generator's
+                       DROID_ANON_SESSIONS_PER_ADDRESS="1000000", DROID_ANON_SESSIONS="1000000",
+                       # and the quotas of issue 22 out of the way of the bench's publishers
+                       DROID_QUOTA_TASKS_PER_MINUTE="100000000",
+                       DROID_QUOTA_PENDING_TASKS="100000000")
             for name in ("MONGODB_URI", "REDIS_URL", "LLM_BASE_URL"):
                 env.pop(name, None)
             cmd = [python_for_droid(), str(BENCH / "droid_server.py")]

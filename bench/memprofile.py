@@ -81,7 +81,9 @@ def main() -> None:
     args = ap.parse_args()
     env = dict(os.environ, PORT="0", HOST="127.0.0.1", JWT_SECRET=SECRET,
                LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
-               DROID_DEMO_DELAY_S="0", DROID_ENV="development", BENCH_TRACEMALLOC="1")
+               DROID_DEMO_DELAY_S="0", DROID_ENV="development", BENCH_TRACEMALLOC="1",
+               # every socket's handshake comes from one address, the load generator's
+               DROID_ANON_SESSIONS_PER_ADDRESS="1000000", DROID_ANON_SESSIONS="1000000")
     for name in ("MONGODB_URI", "REDIS_URL", "LLM_BASE_URL"):
         env.pop(name, None)
     env["DROID_DATA_DIR"] = tempfile.mkdtemp(prefix="droid-memprofile-")  # a fresh store

@@ -23,6 +23,7 @@ from .http.base import NotFoundHandler
 from .http.eventlog import EventsHandler, EventStreamHandler
 from .http.front import Front, server_options
 from .http.keys import ApiKeyHandler, ApiKeysHandler
+from .http.listener import Listener, default_max_connections, descriptor_limit
 from .http.openapi import build_openapi
 from .http.ratelimit import AuthLimits
 from .http.system import (HealthHandler, IndexHandler, MetricsHandler, OpenApiHandler,
@@ -43,11 +44,12 @@ from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
-_TOKEN_PARAM = re.compile(r"([?&]token=)[^&]*")
+# a bearer token, and an Engine.IO session id (whoever holds it holds the session)
+_TOKEN_PARAM = re.compile(r"([?&](?:token|sid)=)[^&]*")
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Tornado's access log line, with `?token=` redacted (it carries a bearer token)."""
+    """Tornado's access log line, with `?token=` and `?sid=` redacted."""
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not access_log.isEnabledFor(level):  # no redaction or timing for a line nobody keeps
@@ -91,6 +93,7 @@ class Droid:
         self.redis = redis
         self.owns_store = owns_store
         self.server: tornado.httpserver.HTTPServer | None = None
+        self.listener: Listener | None = None
         self.port: int | None = None
         self._stopped = False
 
@@ -104,20 +107,30 @@ class Droid:
             sockets = tornado.netutil.bind_sockets(self.config.port, self.config.host)
         self.server = tornado.httpserver.HTTPServer(self.application,
                                                     **server_options(self.config))
-        self.server.add_sockets(sockets)
+        self.listener = Listener(self.server, self._max_connections())
+        self.listener.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         await self.realtime.start()
         await self.worker.start()
         await self.api_keys.start()
         await self.webhooks.start()
 
+    def _max_connections(self) -> int:
+        limit = descriptor_limit()
+        cap = self.config.max_connections or default_max_connections(limit)
+        if cap > default_max_connections(limit):
+            log.warning("DROID_MAX_CONNECTIONS=%d leaves less than a tenth of the descriptor "
+                        "limit (%d) for the rest: accepting may run out of descriptors first",
+                        cap, limit)
+        return cap
+
     async def stop(self) -> None:
         """Stop in reverse order of start: listening, the worker, sockets, storage."""
         if self._stopped:
             return
         self._stopped = True
-        if self.server is not None:
-            self.server.stop()
+        if self.listener is not None:
+            self.listener.stop()
         await self.worker.stop()
         await self.webhooks.stop()
         await self.api_keys.stop()

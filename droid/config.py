@@ -65,6 +65,12 @@ class Config:
     # Limits against slow, large or repeated requests (README "Limits").
     trusted_proxies: tuple[str, ...] = ()  # whose X-Forwarded-For is used: addresses, or "*"
     max_backlog_bytes: int = MAX_BACKLOG_BYTES
+    # Connections and Engine.IO sessions (README "Limits"): 0 = the descriptor limit less a reserve
+    max_connections: int = 0
+    anon_sessions_per_address: int = 100  # Engine.IO sessions not on /events, per address
+    anon_sessions: int = 5000             # ... and in all
+    connect_packet_timeout_s: float = 10.0  # a session's first Socket.IO CONNECT
+    join_timeout_s: float = 45.0            # on /events (socket.io's connectTimeout)
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     auth_attempts_per_address: int = 30  # a minute, login and registration together
@@ -284,6 +290,11 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         event_retention_s=_int(env, "DROID_EVENT_RETENTION_S", 48 * 3600, 86400),
         trusted_proxies=_proxies(env),
         max_backlog_bytes=_int(env, "DROID_MAX_BACKLOG_BYTES", MAX_BACKLOG_BYTES, 64 * 1024),
+        max_connections=_int(env, "DROID_MAX_CONNECTIONS", 0, 1, 10**7),
+        anon_sessions_per_address=_int(env, "DROID_ANON_SESSIONS_PER_ADDRESS", 100, 1, 10**7),
+        anon_sessions=_int(env, "DROID_ANON_SESSIONS", 5000, 1, 10**7),
+        connect_packet_timeout_s=_float(env, "DROID_CONNECT_PACKET_TIMEOUT_S", 10.0, 0.1),
+        join_timeout_s=_float(env, "DROID_JOIN_TIMEOUT_S", 45.0, 0.1),
         header_timeout_s=_float(env, "DROID_HEADER_TIMEOUT_S", 10.0, 0.1),
         body_timeout_s=_float(env, "DROID_BODY_TIMEOUT_S", 60.0, 0.1),
         auth_attempts_per_address=_int(env, "DROID_AUTH_ATTEMPTS_PER_ADDRESS", 30, 1),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -13,6 +12,7 @@ import sys
 import tornado.netutil
 
 from . import __version__
+from .collector import Collector
 from .config import ConfigError, keep_generated_secret, load_config
 from .store import StoreUnavailable
 
@@ -100,17 +100,19 @@ def listen(config) -> list:
 
 async def serve(config) -> None:
     from .app import make_app
+    from .http.listener import raise_descriptor_limit
 
+    # Every connection is a descriptor; the soft limit is often 1,024 where the hard one is far
+    # higher. The connection cap (DROID_MAX_CONNECTIONS) is taken under the raised limit.
+    before, limit = raise_descriptor_limit()
     sockets = listen(config)
     describe_storage(config)
     config = keep_generated_secret(config)
     droid = await make_app(config)
     await droid.start(sockets)
-    # What start-up built lives as long as the process: take it out of the collector's view,
-    # so that full collections (connection storms) do not walk it again and again.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 50, 50)
+    # What start-up built lives as long as the process, and so do most of a socket's objects:
+    # full collections run in small steps (droid/collector.py).
+    Collector().start()
     if config.jwt_secret_generated and not config.jwt_public_key:
         if config.jwt_secret_kept:
             log.warning("JWT_SECRET is not set: using a random key kept in %s (development "
@@ -124,6 +126,9 @@ async def serve(config) -> None:
         log.info("REDIS_URL is set: events and connection counts are shared through Redis")
     log.info("Droid listening on http://%s:%d (env %s, worker concurrency %d)", config.host,
              droid.port, config.env, config.worker_concurrency)
+    log.info("descriptor limit %d%s; at most %d connections open at once", limit,
+             f" (raised from {before})" if limit != before else "",
+             droid.listener.max_connections)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ class DroidProcess:
     output (stdout and stderr) kept in a file of the test's folder."""
 
     def __init__(self, name: str, workdir: Path, logdir: Path, env: dict[str, str],
-                 port: int | None = None) -> None:
+                 port: int | None = None, *, nofile: tuple[int, int] | None = None) -> None:
         self.name = name
         self.port = port or free_port()
         full = {k: v for k, v in os.environ.items()
@@ -45,7 +46,8 @@ class DroidProcess:
             # data folder (droid-data/) lands there.
             self.proc = subprocess.Popen([sys.executable, "-m", "droid"], cwd=workdir, env=full,
                                          stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent())
+                                         stdin=subprocess.DEVNULL,
+                                         preexec_fn=_preexec(nofile))
 
     @property
     def url(self) -> str:
@@ -88,17 +90,33 @@ class DroidProcess:
         return self.proc.wait(timeout)
 
 
+def _preexec(nofile: tuple[int, int] | None) -> Callable[[], None] | None:
+    """The child's preexec_fn: die with this process, and with `nofile` (soft, hard) as its
+    RLIMIT_NOFILE (`ulimit -n`)."""
+    dies = die_with_parent()
+    if nofile is None:
+        return dies
+
+    def preexec() -> None:
+        if dies is not None:
+            dies()
+        resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+    return preexec
+
+
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., DroidProcess]]:
-    """Start `python -m droid` processes: spawn(name, workdir=None, port=None, **env) (`port`:
-    the one of a process stopped before, to restart it where its clients look). Every one of
-    them is SIGKILLed at the end (also when the test fails) and its log printed."""
+    """Start `python -m droid` processes: spawn(name, workdir=None, port=None, nofile=None,
+    **env) (`port`: the one of a process stopped before, to restart it where its clients look;
+    `nofile`: its (soft, hard) descriptor limit). Every one of them is SIGKILLed at the end (also
+    when the test fails) and its log printed."""
     started: list[DroidProcess] = []
 
-    def start(name: str, workdir: Path | None = None, port: int | None = None,
-              **env: Any) -> DroidProcess:
+    def start(name: str, workdir: Path | None = None, port: int | None = None, *,
+              nofile: tuple[int, int] | None = None, **env: Any) -> DroidProcess:
         assert name not in {p.name for p in started}, "one log per process: give a new name"
-        proc = DroidProcess(name, workdir or tmp_path / "work", tmp_path, env, port)
+        proc = DroidProcess(name, workdir or tmp_path / "work", tmp_path, env, port,
+                            nofile=nofile)
         started.append(proc)
         return proc
 

@@ -145,10 +145,19 @@ async def test_the_hooks_are_called_where_droid_relies_on_them(droid):
         for name in ("sockets", "ping_interval", "ping_timeout", "reason"):
             hook(f"AsyncServer.{name}", hasattr(eio, name), "an engine server attribute is gone")
         manager = droid.sio.manager
-        for name in ("eio_sid_from_sid", "sid_from_eio_sid", "is_connected", "rooms"):
-            hook(f"BaseManager.{name}", hasattr(manager, name), "a manager attribute is gone")
+        for name in ("eio_sid_from_sid", "sid_from_eio_sid", "is_connected", "rooms",
+                     "pending_connect", "pending_disconnect", "callbacks", "basic_enter_room",
+                     "basic_leave_room", "basic_disconnect", "get_rooms"):
+            hook(f"BaseManager.{name}", hasattr(manager, name),
+                 "a manager attribute droid/realtime/rooms.py indexes is gone")
+        queue = session.queue
     finally:
         await raw.close()
+    try:
+        await wait_until(lambda: _async(queue.session is None and not eio.sockets), 5)
+    except AssertionError:
+        hook("AsyncServer._handle_eio_disconnect", False,
+             "an ended session was not let go of (on_session_end did not run)")
 
 
 # python-socketio -------------------------------------------------------------------------------
@@ -158,6 +167,7 @@ async def test_the_hooks_are_called_where_droid_relies_on_them(droid):
     ("_handle_connect", ["self", "eio_sid", "namespace", "data"]),
     ("_handle_eio_connect", ["self", "eio_sid", "environ"]),
     ("_handle_eio_message", ["self", "eio_sid", "data"]),
+    ("_handle_eio_disconnect", ["self", "eio_sid", "reason"]),
 ])
 def test_hook_AsyncServer(name, expected):
     method = getattr(socketio.AsyncServer, name, None)
@@ -180,6 +190,9 @@ def test_hook_AsyncServer_calls():
     hook("AsyncServer._handle_eio_connect",
          "self.eio.on('connect', self._handle_eio_connect)" in base,
          "new sessions are not seen: no connect deadline, no shedding of unjoined sessions")
+    hook("AsyncServer._handle_eio_disconnect",
+         "self.eio.on('disconnect', self._handle_eio_disconnect)" in base,
+         "ended sessions are not seen: what Droid holds of them stays (sessions.py)")
 
 
 @pytest.mark.asyncio

@@ -62,6 +62,11 @@ def test_database_name_comes_from_the_uri_unless_given():
     ({"DROID_ENV": "staging"}, "DROID_ENV"),
     ({"DROID_ENV": "production"}, "MONGODB_URI"),
     ({"DROID_ENV": "production", "MONGODB_URI": "mongodb://h/db"}, "JWT_SECRET"),
+    ({"DROID_MAX_CONNECTIONS": "0"}, "DROID_MAX_CONNECTIONS"),
+    ({"DROID_ANON_SESSIONS_PER_ADDRESS": "many"}, "DROID_ANON_SESSIONS_PER_ADDRESS"),
+    ({"DROID_ANON_SESSIONS": "-5"}, "DROID_ANON_SESSIONS"),
+    ({"DROID_CONNECT_PACKET_TIMEOUT_S": "0"}, "DROID_CONNECT_PACKET_TIMEOUT_S"),
+    ({"DROID_JOIN_TIMEOUT_S": "soon"}, "DROID_JOIN_TIMEOUT_S"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError) as info:

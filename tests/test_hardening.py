@@ -529,10 +529,11 @@ async def test_limit_variables_are_checked_at_start_up():
     assert make_config().trusted_proxies == ()  # unset: X-Forwarded-For is believed from no one
 
 
-async def test_an_engineio_session_that_never_joins_events_is_ended(droid, listen):
+async def test_an_engineio_session_that_never_joins_events_is_ended(droid_factory, listen):
     """Like socket.io's connectTimeout: a session without a /events connection is ended (it
-    used to live for as long as its client answered pings)."""
-    droid.sio.connect_timeout_s = 1.5
+    used to live for as long as its client answered pings). This one never sends a CONNECT
+    (DROID_CONNECT_PACKET_TIMEOUT_S); tests/test_sessions.py has the rest."""
+    droid = await droid_factory(DROID_CONNECT_PACKET_TIMEOUT_S="1.5")
     polling = Polling(droid)
     idle = await polling.open()
     user = str(uuid.uuid4())

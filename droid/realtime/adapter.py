@@ -18,6 +18,7 @@ setup.cfg's upper bounds are the releases that test has passed on.
 | `AsyncServer._engineio_server_class` | python-socketio 5.18 | which Engine.IO server class python-socketio builds (Droid's, with its transport) | yes: an `engineio_server_class` parameter |
 | `AsyncServer._handle_connect` | python-socketio 5.18 | work that must run right after a CONNECT answer is written, in the same loop turn (`after_connect`) | yes: an "on connected" callback |
 | `AsyncServer._handle_eio_connect` | python-socketio 5.18 | a new Engine.IO session: its deadline to join /events starts (`on_session`) | yes: socket.io's `connectTimeout` |
+| `AsyncServer._handle_eio_disconnect` | python-socketio 5.18 | an Engine.IO session is ending: what Droid holds of it goes at once (`on_session_end`; droid/realtime/sessions.py) | yes: an "on session closed" callback |
 | `AsyncServer._handle_eio_message` | python-socketio 5.18 | the one entry of every Socket.IO packet, both transports: malformed packets are refused before python-socketio parses them (`on_packet`) | yes: a packet filter hook |
 | `AsyncRedisManager._publish`, `_listen` | python-socketio 5.18 | publishing and listening on Redis, replaced to survive outages (`publish_raw`, `listen_raw`) | they are its documented extension points for subclasses of `AsyncPubSubManager` |
 
@@ -113,7 +114,7 @@ class EngineServerBase(engineio.AsyncServer):
 class SocketIOServerBase(socketio.AsyncServer):
     """python-socketio's AsyncServer with its private hooks turned into Droid's:
     `engine_class()`, `around_connect(run)`, `on_session(eio_sid)`, `on_packet(eio_sid, data,
-    handle)`."""
+    handle)`, `on_session_end(eio_sid)`."""
 
     def _engineio_server_class(self) -> type:
         return self.engine_class()
@@ -136,6 +137,16 @@ class SocketIOServerBase(socketio.AsyncServer):
 
     def on_session(self, eio_sid: str) -> None:
         """A new Engine.IO session (not yet on any namespace)."""
+
+    async def _handle_eio_disconnect(self, eio_sid: str, *args: Any) -> None:
+        try:
+            await super()._handle_eio_disconnect(eio_sid, *args)
+        finally:
+            self.on_session_end(eio_sid)
+
+    def on_session_end(self, eio_sid: str) -> None:
+        """An Engine.IO session is ending (python-engineio's `disconnect` event, fired from its
+        close(), before `closed` is set); python-socketio has let go of it."""
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         await self.on_packet(eio_sid, data, super()._handle_eio_message)

@@ -25,6 +25,7 @@ from .presence import LocalPresence
 from .rooms import IndexedManager
 from .transport import Bound
 from .handler import tornado_handler
+from .sessions import AnonSessions, SessionLimits, admitting
 
 log = logging.getLogger("droid.realtime")
 
@@ -52,7 +53,8 @@ class Realtime:
             async_mode="tornado", client_manager=client_manager, namespaces="*",
             cors_allowed_origins=engineio_origins(origins), max_http_buffer_size=MAX_PACKET,
             json=OrjsonModule, ping_interval=PING_INTERVAL_S, ping_timeout=PING_TIMEOUT_S,
-            logger=False, engineio_logger=False, bound=bound)
+            logger=False, engineio_logger=False, bound=bound,
+            sessions=AnonSessions(SessionLimits.from_config(config)))
         self.delivery = Delivery(store)
         publisher.listen(self.delivery.deliver)
         if manager is not None:
@@ -64,7 +66,8 @@ class Realtime:
                                      metrics=metrics, counts_by_room=manager is not None,
                                      api_keys=api_keys)
         base = tornado_handler(self.sio.eio, compression=config.ws_compression)
-        self.handler = endpoint_handler(base, self.sio.eio, origins)
+        self.handler = admitting(endpoint_handler(base, self.sio.eio, origins),
+                                 self.sio.sessions)
 
     async def notify(self, user_id: str, event: str, data: dict) -> None:
         """Send an event to every /events socket of the user, on every process."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from . import adapter
 from .environ import translate_request
@@ -31,6 +31,14 @@ class _Opener:
         handler = environ.get("tornado.handler")
         if handler is None or not hasattr(handler, "accept_websocket"):
             return None
+        sock = self.socket
+        if sock.upgrading or self.server.ws_transports.get(sock.sid) is not None:
+            # One upgrade at a time, as Node's engine.io: a second WebSocket for a session
+            # would take it over from the first (and from whoever opened that one). Refused
+            # before its handshake is answered: a 400 in the error shape.
+            log.info("refused a second WebSocket for one Engine.IO session, from %s",
+                     environ.get("REMOTE_ADDR", "?"))
+            return None
         accepted = await handler.accept_websocket(self.server.max_http_buffer_size)
         # python-socketio keeps this environ for the socket's life (a direct WebSocket's is the
         # handshake's): what only the handshake needed goes, the handler above all (its request,
@@ -41,7 +49,7 @@ class _Opener:
         if accepted is None:  # the client left during the handshake
             return None
         ws, leftover = accepted
-        transport = Transport(self.server, self.socket, ws)
+        transport = Transport(self.server, sock, ws)
         transport.attach()
         ws.start(transport, leftover)
         return None
@@ -64,6 +72,9 @@ class TransportServer(adapter.EngineServerBase):
         self.bound = bound
         super().__init__(*args, **kwargs)
         self.ws_transports: dict[str, Transport] = {}  # every attached WebSocket, by session
+        # asked at each ping whether the session is still wanted (GuardedServer: on /events,
+        # or within its deadline to join); one that is not is ended
+        self.wanted: Callable[[str], bool] | None = None
         self.wheel = PingWheel(self)
         self._ending: set[asyncio.Task] = set()
 

@@ -21,14 +21,13 @@ frames are checked by the transport itself (`wire.frame_refusal`); here:
   log at ERROR, twice) and still writes the CORS headers of the requests it serves.
 - `GuardedServer`: python-socketio's AsyncServer that refuses binary data, undecodable packets,
   and EVENTs that are not a list starting with an event name, turns any exception of the
-  dispatch into a disconnect, ends an Engine.IO session that has not joined /events within
-  `connect_timeout_s` (45 s, socket.io's connectTimeout), and lets a connect handler have work
-  run right after its CONNECT answer is written (`after_connect`). Its hooks into
-  python-socketio are droid/realtime/adapter.py's.
+  dispatch into a disconnect, tells the sessions not on /events (droid/realtime/sessions.py) when
+  each session opens, sends a CONNECT, joins /events and ends (ending those past their
+  deadlines), and lets a connect handler have work run right after its CONNECT answer is
+  written (`after_connect`). Its hooks into python-socketio are droid/realtime/adapter.py's.
 """
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import logging
@@ -40,9 +39,11 @@ from socketio import packet as sio_packet
 from ..errors import Invalid
 from ..web import BoundedBody, Origins, write_error
 from .adapter import SocketIOServerBase
-from .eager import QUIET, spawn_logged
-from .transport import Bound
+from .eager import spawn_logged
 from .engine import TransportServer
+from .sessions import Answered, AnonSessions, SessionLimits, Summary
+from .sessions import end as end_session
+from .transport import Bound
 from .wire import CLIENT_SOCKETIO_PACKETS, NAMESPACE, POLLING_ENGINE_PACKETS
 
 log = logging.getLogger("droid.guard")
@@ -147,14 +148,21 @@ class GuardedServer(SocketIOServerBase):
     """An AsyncServer on Droid's transport that disconnects a client sending a packet it cannot
     take. `bound` is the slow-consumer bound of every session (droid/realtime/queue.py)."""
 
-    # socket.io's connectTimeout: an Engine.IO session that has not joined /events by then is
-    # ended; it would otherwise live for as long as its client answers pings.
-    connect_timeout_s = 45.0
     eio: TransportServer
 
-    def __init__(self, *args: Any, bound: Bound = Bound(), **kwargs: Any) -> None:
+    def __init__(self, *args: Any, bound: Bound = Bound(),
+                 sessions: AnonSessions | None = None, **kwargs: Any) -> None:
         self._bound = bound  # read by engine_class, during __init__
+        # python-engineio's service task walks a copy of every session's list, holding ended
+        # ones for up to ping_timeout; the ping wheel does its work (droid/realtime/sessions.py)
+        kwargs.setdefault("monitor_clients", False)
         super().__init__(*args, **kwargs)
+        self.sessions = sessions or AnonSessions(SessionLimits())
+        self.sessions.expire = self._expire
+        self.sessions.on_answered = self._answered
+        self._expired_log = Summary("ended an Engine.IO session from %s: %s",
+                                    "ended %d Engine.IO sessions in %.0f s (the last from %s: %s)")
+        self.eio.wanted = self._wanted
 
     def engine_class(self) -> Any:
         return functools.partial(TransportServer, bound=self._bound)
@@ -183,34 +191,52 @@ class GuardedServer(SocketIOServerBase):
             # (timers made meanwhile copied this context: it must not keep the coroutines)
             pending, held = list(pending), pending
             held.clear()
-            if pending:
-                namespace = namespace or "/"
-                sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
-                accepted = sid is not None and self.manager.is_connected(sid, namespace)
-                for coro in pending:
-                    if accepted:
-                        spawn_logged(coro, "after connecting")
-                    else:
-                        coro.close()
+            namespace = namespace or "/"
+            sid = self.manager.sid_from_eio_sid(eio_sid, namespace)
+            accepted = sid is not None and self.manager.is_connected(sid, namespace)
+            if accepted and namespace == NAMESPACE:
+                self.sessions.joined(eio_sid)
+            for coro in pending:
+                if accepted:
+                    spawn_logged(coro, "after connecting")
+                else:
+                    coro.close()
 
     def on_session(self, eio_sid: str) -> None:
         session = self.eio.session(eio_sid)
         if session is not None:
             session.queue.session = session  # the queue sheds its own session
-        asyncio.get_running_loop().call_later(self.connect_timeout_s, self._connect_deadline,
-                                              eio_sid, context=QUIET)
+        environ = self.environ.get(eio_sid) or {}
+        handler = environ.get("tornado.handler")
+        self.sessions.opened(getattr(handler, "admission", None), eio_sid)
 
-    def _connect_deadline(self, eio_sid: str) -> None:
+    def _answered(self, eio_sid: str, handler: Any) -> None:
+        environ = self.environ.get(eio_sid)
+        if environ is not None and environ.get("tornado.handler") is handler:
+            environ["tornado.handler"] = Answered(handler)
+
+    def on_session_end(self, eio_sid: str) -> None:
+        self.sessions.ended(eio_sid)
+        end_session(self.eio, eio_sid)
+
+    def _wanted(self, eio_sid: str) -> bool:
+        """Asked at each ping: a session not on /events past its deadlines (it left) ends."""
+        return self.sessions.waiting(eio_sid) or \
+            self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is not None
+
+    def _expire(self, eio_sid: str, why: str) -> None:
         session = self.eio.session(eio_sid)
-        if session is None or self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is not None:
+        if session is None:
             return
-        log.info("ending Engine.IO session %s: not on %s after %g s", eio_sid, NAMESPACE,
-                 self.connect_timeout_s)
+        self._expired_log(_address(self.environ.get(eio_sid)), why)
         self._close_transport(eio_sid)
-        self.eio.end_session_soon(session)
+        spawn_logged(self.eio.end_session(session, self.eio.reason.TRANSPORT_ERROR,
+                                          abort=False), "ending a session")
 
     async def on_packet(self, eio_sid: str, data: Any,
                         handle: Callable[[str, Any], Coroutine]) -> None:
+        if data[:1] == "0":  # a CONNECT (refused below if it is not one)
+            self.sessions.connecting(eio_sid)
         why = refusal(data)
         if why is None:
             try:
@@ -242,3 +268,7 @@ class GuardedServer(SocketIOServerBase):
         transport = self.eio.transport(eio_sid)
         if transport is not None:
             transport.close(1008)
+
+
+def _address(environ: dict | None) -> str:
+    return (environ or {}).get("REMOTE_ADDR") or "?"  # the client's (droid/realtime/environ.py)

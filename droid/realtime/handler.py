@@ -68,12 +68,16 @@ def tornado_handler(eio: TransportServer, *, compression: bool) -> type:
                 await stream.write(b"")  # the 101 is out
             except Exception:
                 return None
+            # The HTTP server's accept loop counts open descriptors (droid/http/listener.py):
+            # this one is the WebSocket's to close from now on.
+            hand_over = getattr(stream, "hand_over", None)
             taken = adapter.take_socket(stream)
             if taken is None:
                 return None
             sock, leftover = taken
             self.websocket = WebSocket(sock, deflate=deflate, max_message=max_message,
-                                       peer=self.request.remote_ip or "?")
+                                       peer=self.request.remote_ip or "?",
+                                       on_closed=hand_over() if hand_over else None)
             return self.websocket, leftover
 
     return SocketIOHandler

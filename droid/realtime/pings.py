@@ -85,6 +85,14 @@ class PingWheel:
                 transport.close(1000)  # a session ended without a CLOSE packet
             return
         if stamp is None:  # time to ping
+            wanted = server.wanted
+            if wanted is not None and not wanted(sock.sid):
+                log.info("ending an Engine.IO session that is not on /events any more")
+                if transport is not None:
+                    transport.close(1000)
+                spawn_logged(server.end_session(sock, server.reason.SERVER_DISCONNECT,
+                                                abort=False), "ending a session")
+                return
             sock.last_ping = stamp = time.time()
             spawn_logged(sock.send(eio_packet.Packet(eio_packet.PING)), "a ping")
             self._add(asyncio.get_running_loop().time() + server.ping_timeout,

@@ -24,7 +24,7 @@ import logging
 import socket
 import struct
 import zlib
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from . import adapter
 from .wire import ws_frame
@@ -36,9 +36,10 @@ CLOSE_TIMEOUT_S = 5.0  # how long a close handshake may take before the socket i
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 _READ_SIZE = 65536
-# Close codes a peer may send (RFC 6455 7.4.1 and the IANA registry): 1000-1003, 1007-1011,
+# Close codes a peer may send (RFC 6455 7.4.1 and the IANA registry): 1000-1003, 1007-1014,
 # 3000-4999. 1004-1006 and 1015 must never be sent; the rest of 1000-2999 is reserved.
-_VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011))
+_VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013,
+                          1014))
 
 
 def valid_close_code(code: int) -> bool:
@@ -90,10 +91,11 @@ class WebSocket:
 
     __slots__ = ("sock", "fd", "loop", "listener", "inbuf", "outbuf", "state", "deflate",
                  "max_message", "parts", "part_opcode", "part_deflated", "paused", "timer",
-                 "peer", "close_code")
+                 "peer", "close_code", "on_closed")
 
-    def __init__(self, sock: socket.socket, *, deflate: bool, max_message: int,
-                 peer: str) -> None:
+    def __init__(self, sock: socket.socket, *, deflate: bool, max_message: int, peer: str,
+                 on_closed: Callable[[], None] | None = None) -> None:
+        """`on_closed` is called once the socket is closed (the accept loop's count)."""
         self.sock = sock
         self.fd = sock.fileno()
         self.loop = asyncio.get_running_loop()
@@ -110,6 +112,7 @@ class WebSocket:
         self.timer: asyncio.TimerHandle | None = None
         self.peer = peer
         self.close_code: int | None = None
+        self.on_closed = on_closed
 
     # opening
 
@@ -313,8 +316,9 @@ class WebSocket:
         if self.state is CLOSING:  # the answer to ours
             self._finish()
             return
-        # Echo the code (RFC 6455 5.5.1), then the server closes the TCP connection.
-        self._close_and_drop(code if code != 1005 else 1000)
+        # Echo the code (RFC 6455 5.5.1; none for none), then the server closes the TCP
+        # connection.
+        self._close_and_drop(None if code == 1005 else code)
 
     def _fail(self, code: int, why: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): our close frame, then the TCP connection."""
@@ -322,7 +326,7 @@ class WebSocket:
         self.inbuf = None
         self._close_and_drop(code)
 
-    def _close_and_drop(self, code: int) -> None:
+    def _close_and_drop(self, code: int | None) -> None:
         """Our close frame (unless sent already), then close the socket once it is out."""
         self.close(code)
         self.timer, timer = None, self.timer
@@ -333,14 +337,16 @@ class WebSocket:
 
     # closing
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the close handshake: our close frame, then theirs (or CLOSE_TIMEOUT_S)."""
+    def close(self, code: int | None = 1000, reason: str = "") -> None:
+        """Start the close handshake: our close frame (without a code when `code` is None), then
+        theirs (or CLOSE_TIMEOUT_S)."""
         if self.state is CLOSED or self.state is CLOSING:
             return
         self.state = CLOSING
         self.close_code = code
         self.parts = None
-        self._write(ws_frame(struct.pack("!H", code) + reason.encode()[:123], 0x8))
+        payload = b"" if code is None else struct.pack("!H", code) + reason.encode()[:123]
+        self._write(ws_frame(payload, 0x8))
         if self.state is CLOSING:
             self.timer = self.loop.call_later(CLOSE_TIMEOUT_S, self.abort)
 
@@ -363,6 +369,9 @@ class WebSocket:
             self.sock.close()
         except OSError:
             pass
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
         listener, self.listener = self.listener, None
         if listener is not None:
             listener.on_close()
