@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import sys
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
@@ -27,9 +28,28 @@ from droid.store.sqlite import SqliteStore
 from droid.util import dumps, loads, now_iso, utcnow
 
 import mongo_server
+import pytest_timeout
+
 
 TEST_SECRET = "test-secret-that-is-at-least-32-bytes-long!"
 ISO_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
+
+
+_timeout_sigalrm = pytest_timeout.timeout_sigalrm
+
+
+def _timed_out(item, settings):
+    """A test over its timeout (setup.cfg) fails with where each of its coroutines waits: the
+    main thread's stack, all pytest-timeout prints, ends in the event loop's select."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        for task in asyncio.all_tasks(loop):
+            print(f"--- {task!r}", file=sys.stderr)
+            task.print_stack(limit=12, file=sys.stderr)
+    _timeout_sigalrm(item, settings)
+
+
+pytest_timeout.timeout_sigalrm = _timed_out
 
 
 def make_config(**env: Any):
