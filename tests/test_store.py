@@ -27,6 +27,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from typing import AsyncIterator
 
@@ -1765,3 +1766,32 @@ async def test_a_users_first_tasks_at_once_are_all_admitted(backend: Backend) ->
         keys = await asyncio.gather(*(stores[i % 3].admit_task(user, ms + i % 2, 1, quota)
                                       for i in range(12)))
         assert len(keys) == 12 and await stores[0].stored_bytes(user) == 12, round_
+
+
+async def test_processes_started_together_on_a_new_data_folder_all_open_it(tmp_path) -> None:
+    """Four processes open 40 new SQLite files at the same instants (a Procfile's web and
+    worker on a fresh folder). SQLite refuses the switch to WAL at once, without waiting,
+    while another connection makes it; this failed about one start in six."""
+    rounds = 40
+    script = textwrap.dedent("""
+        import asyncio, sys, time
+        from droid.store.sqlite import SqliteStore
+
+        async def main(folder, rounds, start_at):
+            for i in range(rounds):
+                while time.time() < start_at + i * 0.05:
+                    pass
+                store = SqliteStore(f"{folder}/{i}/droid.sqlite3")
+                await store.open()
+                await store.close()
+            print("opened", rounds)
+
+        asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+    """)
+    start_at = time.time() + 3.0  # after the four have imported droid
+    results = await asyncio.gather(*(asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script, str(tmp_path), str(rounds), str(start_at)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120) for _ in range(4)))
+    for result in results:
+        assert result.returncode == 0 and result.stdout.strip() == f"opened {rounds}", \
+            result.stderr[-600:]

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import os
 import sqlite3
+import time
 from typing import Any, Callable, TypeVar
 
 from ..envelopes import envelope_of
@@ -42,6 +43,24 @@ def _unavailable(exc: sqlite3.Error) -> bool:
     """An error of the database's state (full, read-only, locked, I/O, corrupt), not of the
     call (a constraint, a programming error)."""
     return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+
+
+_OPEN_TIMEOUT_S = 10.0  # as long as the busy timeout: how long open waits for other processes
+
+
+def _to_wal(conn: sqlite3.Connection) -> None:
+    """PRAGMA journal_mode = WAL, waiting for other processes as a write would. SQLite answers
+    "database is locked" at once, without its busy handler, while another connection is
+    switching the same new file to WAL (processes started together on one data folder)."""
+    deadline = time.monotonic() + _OPEN_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class SqliteBase(Store):
@@ -117,11 +136,11 @@ class SqliteBase(Store):
         # are explicit (BEGIN IMMEDIATE takes the write lock first, so two processes never
         # deadlock upgrading a read lock).
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=10.0)
+                               timeout=_OPEN_TIMEOUT_S)
         try:
-            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute(f"PRAGMA busy_timeout = {int(_OPEN_TIMEOUT_S * 1000)}")
             if not self.in_memory:
-                conn.execute("PRAGMA journal_mode = WAL")
+                _to_wal(conn)
                 # WAL + NORMAL: a crash of the process loses nothing; a power cut may lose the
                 # last transactions, never the file's consistency.
                 conn.execute("PRAGMA synchronous = NORMAL")
