@@ -136,7 +136,8 @@ def churn_latency(server: Server, clients: Clients, n: int, p: dict) -> dict:
     """Phase 2: events to the steady sockets while the others churn."""
     wait_idle(server.pid, 60)
     others = n - STEADY
-    target = p["churnFraction"] * others
+    # 10% of the others a second, or the same rate for every server and size (--churn-per-s)
+    target = p.get("churnPerS") or p["churnFraction"] * others
     longest = p["warmS"] + p["latencyS"] + 600  # churn stops when the events are out, at most
     events = int(p["eventRate"] * p["latencyS"])
     steady_users = STEADY // 2
@@ -305,6 +306,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="500 and 1,000 sockets, short phases")
     ap.add_argument("--sizes", help="comma-separated socket counts (default 2000,5000,10000,15000; "
                                     "quick 500,1000)")
+    ap.add_argument("--churn-per-s", type=float, metavar="N",
+                    help="churn N sockets a second at every size, for every server (default: "
+                         "10%% of the idle ones, or as many as the load generator manages)")
     ap.add_argument("--servers", default=",".join(SERVERS), help="droid,reference,native")
     ap.add_argument("--runs", type=int, default=1, help="alternating runs (medians; default 1)")
     ap.add_argument("--wait-quiet", type=float, metavar="S",
@@ -325,6 +329,8 @@ def main() -> None:
     p = dict(QUICK if args.quick else FULL)
     if args.sizes:
         p["sizes"] = [int(s.replace("_", "")) for s in args.sizes.split(",") if s]
+    if args.churn_per_s:
+        p["churnPerS"] = args.churn_per_s
     if any(n < STEADY + 2 for n in p["sizes"]):
         sys.exit(f"bench: every size must be at least {STEADY + 2} sockets")
     servers = [s for s in args.servers.split(",") if s]
