@@ -14,6 +14,10 @@
   - `accept()` failing for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
     stops accepting for a moment (50 ms, doubling up to 1 s while it lasts): connections wait in
     the kernel's backlog.
+  - connections are taken a few at a time (_BATCH per wake-up of the listening socket), so that a
+    storm of handshakes (every client of a proxy that restarted, reconnecting at once) does not
+    fill a turn of the loop and delay the events of sockets already connected; the rest wait a
+    turn in the kernel's backlog (1,024, serving.py).
   Each is logged as an episode: one WARNING when it starts, one when it has not recurred for
   10 s, with how many times it happened (at the cap, connections come and go many times a
   second: a line each time would be a flood of its own).
@@ -47,8 +51,11 @@ log = logging.getLogger("droid.listener")
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _PAUSE_MIN_S, _PAUSE_MAX_S = 0.05, 1.0
 QUIET_S = 10.0  # an episode (refusing, running out) is over when it has not recurred this long
-# connections accepted per wake-up (Tornado's own batch), so that others get the loop too
-_BATCH = 128
+# connections accepted per wake-up of a listening socket. Tornado's own loop takes up to 128: at
+# 10,000 idle sockets with 10% of them reconnecting every second, the p99 of the others' events
+# was 79-104 ms with 128 and 12-30 ms with 8, for the same reconnects a second and connect times
+# (bench/scale.py; bench/RESULTS.md, issue 21). Fewer (1-2) made connecting slower.
+_BATCH = 8
 RETRY_AFTER_S = 1
 _BODY = dumps(error_body(503, "Too many connections"))
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\n"
