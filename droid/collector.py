@@ -24,7 +24,10 @@ import time
 
 log = logging.getLogger("droid.collector")
 
-STEP_S = 1.0
+# A step walks what was made since the previous one: under 1,000 reconnects a second at 10,000
+# sockets, a step a second paused 15-35 ms, a step every 0.25 s 2-7 ms, for less time in all
+# (bench/scale.py; bench/RESULTS.md, issue 21). Every 0.1 s was no better.
+STEP_S = 0.25
 THAW_S = 3600.0
 # gen0 and gen1 stay automatic (they walk only young objects); gen2 runs only from the steps.
 THRESHOLDS = (10_000, 50, 1_000_000)
