@@ -243,3 +243,78 @@ async def test_the_redis_hooks_are_called():
     await wait_until(lambda: _async(listened), 5)
     thread.cancel()
     hook("AsyncRedisManager._listen", listened, "the listener no longer reads through it")
+
+
+# Nothing outside the adapter -------------------------------------------------------------------
+
+LIBRARIES = ("tornado", "engineio", "socketio")
+# private names a public API of theirs sets on Droid's classes
+SET_BY_PUBLIC_API = {"_stream_request_body": "@tornado.web.stream_request_body"}
+
+
+def _private_names_of_the_libraries() -> set[str]:
+    """Every `_name` the three libraries define: functions, classes, methods, attributes set on
+    self or cls."""
+    import ast
+    import importlib
+    import pathlib
+    names: set[str] = set()
+    for lib in LIBRARIES:
+        for path in pathlib.Path(importlib.import_module(lib).__file__).parent.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    names.add(node.name)
+                elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                    names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_private_name_of_the_libraries_is_used_outside_the_adapter():
+    """A search of droid/ for the private names of Tornado, python-engineio and python-socketio
+    finds them in droid/realtime/adapter.py only: no `obj._name` of theirs read or written
+    elsewhere, no `from tornado... import _name`, and no class of Droid's that overrides a
+    private method or attribute of a library class it extends."""
+    import ast
+    import importlib
+    import pathlib
+    import pkgutil
+
+    import droid
+    theirs = _private_names_of_the_libraries()
+    root = pathlib.Path(droid.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path == pathlib.Path(adapter.__file__):
+            continue
+        tree = ast.parse(path.read_text())
+        # Droid's own private names (its classes keep their own `self._x`)
+        ours = {n.name for n in ast.walk(tree)
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        ours |= {n.attr for n in ast.walk(tree)
+                 if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
+                 and isinstance(n.value, ast.Name) and n.value.id in ("self", "cls")}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr in theirs and node.attr not in ours
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno}: .{node.attr}")
+            if (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.split(".")[0] in LIBRARIES):
+                found += [f"{path.relative_to(root.parent)}:{node.lineno}: import {a.name}"
+                          for a in node.names if a.name.startswith("_")]
+    # classes of Droid's built on the libraries' classes: no private name of a library base
+    for info in pkgutil.walk_packages(droid.__path__, "droid."):
+        if info.name in ("droid.__main__", adapter.__name__):
+            continue
+        module = importlib.import_module(info.name)
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and cls.__module__ == module.__name__):
+                continue
+            bases = [b for b in cls.__mro__[1:] if b.__module__.split(".")[0] in LIBRARIES]
+            for name in vars(cls):
+                if name.startswith("_") and not name.startswith("__") \
+                        and name not in SET_BY_PUBLIC_API and any(
+                        name in vars(b) for b in bases):
+                    found.append(f"{info.name}.{cls.__qualname__}.{name} overrides "
+                                 f"a private name of {bases[0].__qualname__}")
+    assert not found, "private names of the libraries outside droid/realtime/adapter.py:\n" + \
+        "\n".join(found)
