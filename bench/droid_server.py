@@ -91,6 +91,54 @@ class GcPauses:
 GC_PAUSES = GcPauses()
 
 
+class SlowCallbacks:
+    """With BENCH_SLOW_MS=N: every turn of a callback of the loop longer than N ms, by callback.
+
+    Wraps asyncio's Handle._run (a private name of asyncio, bench-only and off by default) to
+    find what holds the loop when events wait: the coroutine of a task's step, or the function.
+    At exit the table goes to stderr (the server log): count, total and longest ms of each.
+    """
+
+    def __init__(self, threshold_ms: float) -> None:
+        self.threshold_s = threshold_ms / 1000.0
+        self.by_name: dict[str, list] = {}
+        original = asyncio.events.Handle._run
+        meter = self
+
+        def _run(handle: asyncio.events.Handle) -> None:
+            t0 = time.perf_counter()
+            original(handle)
+            took = time.perf_counter() - t0
+            if took >= meter.threshold_s:
+                meter.record(handle, took * 1000.0)
+
+        asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+
+    @staticmethod
+    def name(handle: asyncio.events.Handle) -> str:
+        callback = handle._callback
+        owner = getattr(callback, "__self__", None)
+        if isinstance(owner, asyncio.Task):
+            coro = owner.get_coro()
+            code = getattr(coro, "cr_code", None)
+            return f"task {code.co_qualname if code else coro!r}"
+        return getattr(callback, "__qualname__", repr(callback))
+
+    def record(self, handle: asyncio.events.Handle, ms: float) -> None:
+        entry = self.by_name.setdefault(self.name(handle), [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += ms
+        entry[2] = max(entry[2], ms)
+
+    def snapshot(self) -> dict:
+        top = sorted(self.by_name.items(), key=lambda kv: -kv[1][1])[:30]
+        return {name: {"count": c, "totalMs": round(t, 1), "maxMs": round(m, 2)}
+                for name, (c, t, m) in top}
+
+
+SLOW = SlowCallbacks(float(os.environ["BENCH_SLOW_MS"])) if os.environ.get("BENCH_SLOW_MS") else None
+
+
 def _mono_ms() -> float:
     return time.monotonic_ns() / 1e6
 
@@ -182,8 +230,12 @@ class StatsHandler(BenchHandler):
                 else type(o).__qualname__ for o in gc.get_objects())
             body["tracked"] = {"total": sum(tracked.values()), "frozen": gc.get_freeze_count(),
                                "byType": dict(tracked.most_common(40))}
+        if SLOW is not None:
+            body["slowCallbacks"] = SLOW.snapshot()
         if self.get_query_argument("reset", None):
             GC_PAUSES.reset()
+            if SLOW is not None:
+                SLOW.by_name.clear()
         self.reply(body)
 
 

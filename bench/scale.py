@@ -170,7 +170,8 @@ def churn_latency(server: Server, clients: Clients, n: int, p: dict) -> dict:
         thread.join()
         w1 = time.monotonic() * 1000
         usage = meter.stop()
-        gc_stats = get_json(server.url + "/bench/stats").get("gc") or {}
+        stats = get_json(server.url + "/bench/stats")
+        gc_stats = stats.get("gc") or {}
         for proc in clients.swarms:
             clients.send(proc, "stop")
         if "error" in emitted:
@@ -194,6 +195,7 @@ def churn_latency(server: Server, clients: Clients, n: int, p: dict) -> dict:
         "emitterMaxLagMs": emitted.get("maxLagMs"), "emitS": (w1 - w0) / 1000, **usage,
         "gcCount": gc_stats.get("count"), "gcTotalMs": gc_stats.get("totalMs"),
         "gcMaxMs": gc_stats.get("maxMs"),
+        **({"slowCallbacks": stats["slowCallbacks"]} if "slowCallbacks" in stats else {}),
     }
 
 
