@@ -9,9 +9,10 @@ The launcher wraps `droid.app.make_app` so that the application it builds also s
                        numbered nor stored (seq null: this measures fan-out, not the store),
                        handed to the real-time Delivery, which writes the specific event, then
                        `task.event`, to each of the user's sockets. As fast as possible (rate 0)
-                       or paced at `rate` per second (when the loop comes back late, every event
-                       due by then is published in that turn, as the Node reference's emitter
-                       does); data.sentAt is the emit time on CLOCK_MONOTONIC in ms (the load
+                       or paced at `rate` per second: a timer at each event's due time
+                       publishes it from its own callback (`run_eager`), as the Node
+                       reference's setTimeout does, and when the loop comes back late, every
+                       event due by then is published in that callback; data.sentAt is the emit time on CLOCK_MONOTONIC in ms (the load
                        generator reads the same clock). With stamp "due" (and a rate),
                        data.sentAt is moved back by how late the event left its pace beyond
                        TIMER_SLACK_MS, so that a loop too busy to publish on time counts in the
@@ -45,6 +46,7 @@ import tornado.web
 
 import droid.__main__ as droid_main
 import droid.app as droid_app
+from droid.realtime.eager import run_eager
 from droid.util import now_iso
 
 TASK_ID = "6f1c2e7a-0000-4000-8000-00000000beef"
@@ -92,27 +94,44 @@ GC_PAUSES = GcPauses()
 
 
 class SlowCallbacks:
-    """With BENCH_SLOW_MS=N: every turn of a callback of the loop longer than N ms, by callback.
+    """With BENCH_SLOW_MS=N: what holds the loop while events wait, by callback.
 
-    Wraps asyncio's Handle._run (a private name of asyncio, bench-only and off by default) to
-    find what holds the loop when events wait: the coroutine of a task's step, or the function.
-    At exit the table goes to stderr (the server log): count, total and longest ms of each.
+    Wraps asyncio's Handle._run and BaseEventLoop._run_once (private names of asyncio, bench-only
+    and off by default). `callbacks`: every callback that ran N ms or longer, by coroutine (of a
+    task's step) or function; `turns`: the turns of the loop that took N ms or longer in all, with
+    what ran in them (count and total ms by callback), and how many such turns.
     """
 
     def __init__(self, threshold_ms: float) -> None:
         self.threshold_s = threshold_ms / 1000.0
         self.by_name: dict[str, list] = {}
-        original = asyncio.events.Handle._run
+        self.in_turns: dict[str, list] = {}
+        self.turns = [0, 0.0, 0.0]  # long turns: count, total ms, longest ms
+        self._turn: list[tuple[asyncio.events.Handle, float]] = []
+        run, run_once = asyncio.events.Handle._run, asyncio.base_events.BaseEventLoop._run_once
         meter = self
 
         def _run(handle: asyncio.events.Handle) -> None:
             t0 = time.perf_counter()
-            original(handle)
+            run(handle)
             took = time.perf_counter() - t0
+            meter._turn.append((handle, took))
             if took >= meter.threshold_s:
-                meter.record(handle, took * 1000.0)
+                meter.add(meter.by_name, meter.name(handle), took * 1000.0)
+
+        def _run_once(loop: asyncio.base_events.BaseEventLoop) -> None:
+            meter._turn.clear()
+            run_once(loop)
+            took = sum(t for _, t in meter._turn)
+            if took >= meter.threshold_s:
+                self.turns[0] += 1
+                self.turns[1] += took * 1000.0
+                self.turns[2] = max(self.turns[2], took * 1000.0)
+                for handle, t in meter._turn:
+                    meter.add(meter.in_turns, meter.name(handle), t * 1000.0)
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
+        asyncio.base_events.BaseEventLoop._run_once = _run_once  # type: ignore[method-assign]
 
     @staticmethod
     def name(handle: asyncio.events.Handle) -> str:
@@ -124,16 +143,26 @@ class SlowCallbacks:
             return f"task {code.co_qualname if code else coro!r}"
         return getattr(callback, "__qualname__", repr(callback))
 
-    def record(self, handle: asyncio.events.Handle, ms: float) -> None:
-        entry = self.by_name.setdefault(self.name(handle), [0, 0.0, 0.0])
+    @staticmethod
+    def add(table: dict, name: str, ms: float) -> None:
+        entry = table.setdefault(name, [0, 0.0, 0.0])
         entry[0] += 1
         entry[1] += ms
         entry[2] = max(entry[2], ms)
 
+    def reset(self) -> None:
+        self.by_name.clear()
+        self.in_turns.clear()
+        self.turns = [0, 0.0, 0.0]
+
     def snapshot(self) -> dict:
-        top = sorted(self.by_name.items(), key=lambda kv: -kv[1][1])[:30]
-        return {name: {"count": c, "totalMs": round(t, 1), "maxMs": round(m, 2)}
-                for name, (c, t, m) in top}
+        def top(table: dict) -> dict:
+            rows = sorted(table.items(), key=lambda kv: -kv[1][1])[:25]
+            return {name: {"count": c, "totalMs": round(t, 1), "maxMs": round(m, 2)}
+                    for name, (c, t, m) in rows}
+        return {"callbacks": top(self.by_name),
+                "turns": {"count": self.turns[0], "totalMs": round(self.turns[1], 1),
+                          "maxMs": round(self.turns[2], 2), "in": top(self.in_turns)}}
 
 
 SLOW = SlowCallbacks(float(os.environ["BENCH_SLOW_MS"])) if os.environ.get("BENCH_SLOW_MS") else None
@@ -187,22 +216,40 @@ class EmitHandler(BenchHandler):
             for i in range(count):
                 await one(i, None)
         else:
+            # Paced: a timer at each event's due time publishes every event due by then, at once
+            # (`run_eager`: the publish runs in the timer's own callback up to where it yields),
+            # as the Node reference's setTimeout does: a loop too busy to run the timer on time
+            # delays each event by that much, and not by the turns a woken coroutine and its
+            # tasks would add on top (1-2 turns: tens of ms on a saturated loop).
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future = loop.create_future()
             interval = 1000.0 / rate
-            i = 0
-            while i < count:
-                wait = t0 + i * interval - _mono_ms()
-                if wait > 0:
-                    await asyncio.sleep(wait / 1000.0)
-                # Every event due by now leaves in this turn, as independent sources would publish
-                # them (the Node reference's emitter does the same): a loop too busy to run this
-                # coroutine on time delays each event by that much, not by one turn per event
-                # still queued behind it.
-                due_now = min(count, max(i + 1, int((_mono_ms() - t0) / interval) + 1))
-                if due_now == i + 1:
-                    await one(i, t0 + i * interval)
-                else:
-                    await asyncio.gather(*(one(j, t0 + j * interval) for j in range(i, due_now)))
-                i = due_now
+            pending: set[asyncio.Task] = set()
+            next_i = 0
+
+            def tick() -> None:
+                nonlocal next_i
+                try:
+                    due_now = min(count, max(next_i + 1,
+                                             int((_mono_ms() - t0) / interval) + 1))
+                    for j in range(next_i, due_now):
+                        task = run_eager(one(j, t0 + j * interval))
+                        if task is not None:
+                            pending.add(task)
+                            task.add_done_callback(pending.discard)
+                    next_i = due_now
+                except Exception as exc:  # answered as a 500 by the handler
+                    done.set_exception(exc)
+                    return
+                if next_i >= count:
+                    done.set_result(None)
+                else:  # loop.time() is time.monotonic(), the clock of _mono_ms()
+                    loop.call_at((t0 + next_i * interval) / 1000.0, tick)
+
+            loop.call_at(t0 / 1000.0, tick)
+            await done
+            if pending:
+                await asyncio.gather(*pending)
         self.reply({"emitted": count, "elapsedMs": _mono_ms() - t0, "maxLagMs": max_lag})
 
 
@@ -235,7 +282,7 @@ class StatsHandler(BenchHandler):
         if self.get_query_argument("reset", None):
             GC_PAUSES.reset()
             if SLOW is not None:
-                SLOW.by_name.clear()
+                SLOW.reset()
         self.reply(body)
 
 
