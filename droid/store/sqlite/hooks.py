@@ -15,7 +15,7 @@ from ...errors import Conflict
 from ...util import dumps, loads
 from ..base import MAX_ATTEMPTS_KEPT
 from .connection import SqliteBase
-from .rows import from_ms, to_ms as _ms
+from .rows import from_ms, page_filter, to_ms as _ms
 
 HOOKS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -297,17 +297,9 @@ class HooksMixin(SqliteBase):
 
     async def deliveries_page(self, endpoint_id: str, *, status: str | None, limit: int,
                               after: tuple[dt.datetime, str] | None) -> list[dict]:
-        where, args = ["endpointId = ?"], [endpoint_id]
-        if status:
-            where.append("status = ?")
-            args.append(status)
-        if after:
-            created, last_id = after
-            where.append("(createdAt < ? OR (createdAt = ? AND id < ?))")
-            args += [_ms(created), _ms(created), last_id]
-        return await self._run(self._h_all, f"SELECT * FROM deliveries WHERE "
-                               f"{' AND '.join(where)} ORDER BY createdAt DESC, id DESC LIMIT ?",
-                               (*args, limit))
+        where, args = page_filter(("endpointId", endpoint_id), {"status": status}, after)
+        return await self._run(self._h_all, f"SELECT * FROM deliveries WHERE {where} "
+                               "ORDER BY createdAt DESC, id DESC LIMIT ?", (*args, limit))
 
     async def retry_delivery(self, delivery_id: str, endpoint_id: str, now: dt.datetime,
                              attempts_left: int) -> dict | None:

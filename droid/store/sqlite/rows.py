@@ -64,6 +64,23 @@ def from_ms(value: int | None) -> dt.datetime | None:
     return None if value is None else _EPOCH + value * _MS
 
 
+def page_filter(owner: tuple[str, str], filters: dict[str, str | None],
+                after: tuple[dt.datetime, str] | None) -> tuple[str, list[Any]]:
+    """The WHERE clause of a page, newest first: the owner's column always equal to its value,
+    each filter that is set too, then only rows strictly older than the cursor's (createdAt,
+    id). Column names are the caller's constants, never input."""
+    where, args = [f"{owner[0]} = ?"], [owner[1]]
+    for column, value in filters.items():
+        if value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if after:
+        created, last_id = after
+        where.append("(createdAt < ? OR (createdAt = ? AND id < ?))")
+        args += [to_ms(created), to_ms(created), last_id]
+    return " AND ".join(where), args
+
+
 def row_doc(cursor: sqlite3.Cursor, row: tuple) -> dict:
     """A row as the document the layers above know: `_id`, dates as datetimes."""
     out: dict[str, Any] = {}

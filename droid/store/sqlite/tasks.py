@@ -13,7 +13,7 @@ from ...quotas import Quota
 from ..base import ACTIVE, STATUSES, Change
 from ..slim import Page, row_size
 from .quotas import QuotasMixin
-from .rows import DATES, TASK_COLUMNS, row_doc, to_ms
+from .rows import DATES, TASK_COLUMNS, page_filter, row_doc, to_ms
 
 # Take the key when it is free, was claimed before `since` (?5), or names a task that does not
 # exist (an older version's crash between the key and its task); else leave it as it is.
@@ -76,19 +76,9 @@ class TasksMixin(QuotasMixin):
     async def tasks_page(self, user_id: str, *, status: str | None, agent_id: str | None,
                          limit: int, after: tuple[dt.datetime, str] | None,
                          max_bytes: int | None = None) -> list[dict]:
-        where, args = ["userId = ?"], [user_id]
-        if status:
-            where.append("status = ?")
-            args.append(status)
-        if agent_id:
-            where.append("agentId = ?")
-            args.append(agent_id)
-        if after:
-            created, last_id = after
-            where.append("(createdAt < ? OR (createdAt = ? AND id < ?))")
-            args += [to_ms(created), to_ms(created), last_id]
-        sql = (f"SELECT * FROM tasks WHERE {' AND '.join(where)} "
-               "ORDER BY createdAt DESC, id DESC LIMIT ?")
+        where, args = page_filter(("userId", user_id),
+                                  {"status": status, "agentId": agent_id}, after)
+        sql = f"SELECT * FROM tasks WHERE {where} ORDER BY createdAt DESC, id DESC LIMIT ?"
 
         def run() -> Page:
             out, size = Page(), 0
