@@ -12,8 +12,9 @@ The launcher wraps `droid.app.make_app` so that the application it builds also s
                        or paced at `rate` per second: a timer at each event's due time
                        publishes it from its own callback (`run_eager`), as the Node
                        reference's setTimeout does, and when the loop comes back late, every
-                       event due by then is published in that callback; data.sentAt is the emit time on CLOCK_MONOTONIC in ms (the load
-                       generator reads the same clock). With stamp "due" (and a rate),
+                       event due by then is published in that callback; data.sentAt is the
+                       emit time on CLOCK_MONOTONIC in ms (the load generator reads the same
+                       clock). With stamp "due" (and a rate),
                        data.sentAt is moved back by how late the event left its pace beyond
                        TIMER_SLACK_MS, so that a loop too busy to publish on time counts in the
                        latency, and the emit time is in data.publishedAt. Answers {emitted,
@@ -57,6 +58,13 @@ TIMER_SLACK_MS = 1.0
 AGENT_ID = "00000000-0000-4000-8000-000000000001"
 
 
+def _tally(entry: list, ms: float) -> None:
+    """[count, total ms, longest ms] += one pause of `ms`."""
+    entry[0] += 1
+    entry[1] += ms
+    entry[2] = max(entry[2], ms)
+
+
 class GcPauses:
     """Counts garbage collections and their pauses, through gc.callbacks (cheap: two calls each)."""
 
@@ -79,10 +87,7 @@ class GcPauses:
         self.count += 1
         self.total_ms += ms
         self.max_ms = max(self.max_ms, ms)
-        entry = self.by_generation[info["generation"]]
-        entry[0] += 1
-        entry[1] += ms
-        entry[2] = max(entry[2], ms)
+        _tally(self.by_generation[info["generation"]], ms)
 
     def snapshot(self) -> dict:
         return {"count": self.count, "totalMs": self.total_ms, "maxMs": self.max_ms,
@@ -107,35 +112,32 @@ class SlowCallbacks:
         self.by_name: dict[str, list] = {}
         self.in_turns: dict[str, list] = {}
         self.turns = [0, 0.0, 0.0]  # long turns: count, total ms, longest ms
-        self._turn: list[tuple[asyncio.events.Handle, float]] = []
+        self._turn: list[tuple[Any, float]] = []  # (callback, seconds) of this turn
         run, run_once = asyncio.events.Handle._run, asyncio.base_events.BaseEventLoop._run_once
-        meter = self
 
         def _run(handle: asyncio.events.Handle) -> None:
+            callback = handle._callback  # before it runs: a handle cancelled meanwhile has none
             t0 = time.perf_counter()
             run(handle)
             took = time.perf_counter() - t0
-            meter._turn.append((handle, took))
-            if took >= meter.threshold_s:
-                meter.add(meter.by_name, meter.name(handle), took * 1000.0)
+            self._turn.append((callback, took))
+            if took >= self.threshold_s:
+                self.add(self.by_name, self.name(callback), took * 1000.0)
 
         def _run_once(loop: asyncio.base_events.BaseEventLoop) -> None:
-            meter._turn.clear()
+            self._turn.clear()
             run_once(loop)
-            took = sum(t for _, t in meter._turn)
-            if took >= meter.threshold_s:
-                self.turns[0] += 1
-                self.turns[1] += took * 1000.0
-                self.turns[2] = max(self.turns[2], took * 1000.0)
-                for handle, t in meter._turn:
-                    meter.add(meter.in_turns, meter.name(handle), t * 1000.0)
+            took = sum(t for _, t in self._turn)
+            if took >= self.threshold_s:
+                _tally(self.turns, took * 1000.0)
+                for callback, t in self._turn:
+                    self.add(self.in_turns, self.name(callback), t * 1000.0)
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
         asyncio.base_events.BaseEventLoop._run_once = _run_once  # type: ignore[method-assign]
 
     @staticmethod
-    def name(handle: asyncio.events.Handle) -> str:
-        callback = handle._callback
+    def name(callback: Any) -> str:
         owner = getattr(callback, "__self__", None)
         if isinstance(owner, asyncio.Task):
             coro = owner.get_coro()
@@ -145,10 +147,7 @@ class SlowCallbacks:
 
     @staticmethod
     def add(table: dict, name: str, ms: float) -> None:
-        entry = table.setdefault(name, [0, 0.0, 0.0])
-        entry[0] += 1
-        entry[1] += ms
-        entry[2] = max(entry[2], ms)
+        _tally(table.setdefault(name, [0, 0.0, 0.0]), ms)
 
     def reset(self) -> None:
         self.by_name.clear()
@@ -165,7 +164,8 @@ class SlowCallbacks:
                           "maxMs": round(self.turns[2], 2), "in": top(self.in_turns)}}
 
 
-SLOW = SlowCallbacks(float(os.environ["BENCH_SLOW_MS"])) if os.environ.get("BENCH_SLOW_MS") else None
+SLOW = (SlowCallbacks(float(os.environ["BENCH_SLOW_MS"])) if os.environ.get("BENCH_SLOW_MS")
+        else None)
 
 
 def _mono_ms() -> float:
