@@ -38,6 +38,7 @@ import collections
 import ctypes
 import gc
 import os
+import sys
 import time
 import tracemalloc
 from typing import Any
@@ -166,6 +167,11 @@ class SlowCallbacks:
 
 SLOW = (SlowCallbacks(float(os.environ["BENCH_SLOW_MS"])) if os.environ.get("BENCH_SLOW_MS")
         else None)
+if SLOW is not None:
+    # The meter wraps asyncio's own loop; uvloop (Droid's default) runs its callbacks in C.
+    os.environ["DROID_EVENT_LOOP"] = "asyncio"
+    print("bench: BENCH_SLOW_MS runs Droid on asyncio's loop (DROID_EVENT_LOOP=asyncio)",
+          file=sys.stderr)
 
 
 def _mono_ms() -> float:

@@ -91,6 +91,7 @@ class Config:
     llm_max_answer_bytes: int = 1024 * 1024
     llm_max_tokens: int | None = None
     llm_retry_after_max_s: float = 600.0
+    event_loop: str = "auto"  # DROID_EVENT_LOOP: auto (uvloop when installed), uvloop, asyncio
     instance_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
 
     @property
@@ -313,7 +314,17 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | Non
         llm_max_answer_bytes=_int(env, "LLM_MAX_ANSWER_BYTES", 1024 * 1024, 1024),
         llm_max_tokens=_int(env, "LLM_MAX_TOKENS", 0, 1) if _opt(env, "LLM_MAX_TOKENS") else None,
         llm_retry_after_max_s=_float(env, "LLM_RETRY_AFTER_MAX_S", 600.0),
+        event_loop=_choice(env, "DROID_EVENT_LOOP", ("auto", "uvloop", "asyncio")),
     )
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (case-insensitive), the first when unset."""
+    value = (env.get(name, "").strip() or choices[0]).lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, "
+                          f"got {value!r}")
+    return value
 
 
 def _origins(raw: str) -> tuple[str, ...]:

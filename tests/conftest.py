@@ -52,6 +52,19 @@ def _timed_out(item, settings):
 pytest_timeout.timeout_sigalrm = _timed_out
 
 
+# The tests run on the event loop `python -m droid` runs on by default (DROID_EVENT_LOOP=auto:
+# uvloop, installed with droid); DROID_TEST_EVENT_LOOP=asyncio runs them on asyncio's own loop.
+# tests/test_event_loop.py starts real processes on each.
+TEST_EVENT_LOOP = os.environ.get("DROID_TEST_EVENT_LOOP", "uvloop")
+
+
+def pytest_asyncio_loop_factories(config, item):
+    if TEST_EVENT_LOOP == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+    return {"uvloop": uvloop.new_event_loop}
+
+
 def make_config(**env: Any):
     """A Config for tests: fixed JWT key, loopback, a fast demo agent, short leases."""
     base = {"HOST": "127.0.0.1", "PORT": "0", "JWT_SECRET": TEST_SECRET, "LOG_LEVEL": "INFO",
