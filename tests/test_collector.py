@@ -4,6 +4,8 @@ that takes them in a server is set far away), so that no test depends on timing.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import time
 import weakref
 
@@ -11,6 +13,7 @@ import pytest
 import pytest_asyncio
 
 from droid.collector import THRESHOLDS, Collector
+from droid_process import ROOT
 
 pytestmark = pytest.mark.asyncio
 
@@ -64,3 +67,43 @@ async def test_frozen_cycles_wait_for_the_thaw(collector):
     collector._thawed_at = time.monotonic() - collector.thaw_s  # an hour has passed
     collector._step()
     assert ref() is None, "the thaw did not collect a cycle of frozen objects"
+
+
+# A child process makes a fragmented heap (keeps one block in three of ~170 MB), then runs the
+# collector for a second: with trim_s short, malloc_trim gives the free pages back.
+TRIM_CHILD = r"""
+import asyncio, random, sys
+from droid.collector import Collector
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+async def main(trim_s):
+    random.seed(1)
+    blocks = [bytearray(random.randint(200, 5000)) for _ in range(60_000)]
+    del blocks[1::3], blocks[1::2]  # two blocks in three freed, between the kept ones
+    before = rss_mb()
+    collector = Collector(step_s=0.05, thaw_s=3600, trim_s=trim_s)
+    collector.start()
+    await asyncio.sleep(1.0)
+    collector.stop()
+    print(before, rss_mb(), collector.trims)
+
+asyncio.run(main(float(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("trim_s, trimmed", [(0.1, True), (3600, False)])
+async def test_memory_a_burst_freed_goes_back_to_the_system(trim_s, trimmed):
+    done = subprocess.run([sys.executable, "-c", TRIM_CHILD, str(trim_s)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, after, trims = done.stdout.split()
+    before, after = float(before), float(after)
+    if trimmed:
+        assert int(trims) >= 1
+        assert before - after > 20, (before, after)  # 32 MB of free pages returned here
+    else:
+        assert int(trims) == 0
+        assert before - after < 5, (before, after)  # glibc keeps them without the trim
