@@ -104,7 +104,7 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
     """The event loop DROID_EVENT_LOOP asks for: uvloop's (libuv's) by default where it is
     installed, asyncio's own otherwise (None). Under a reconnect storm of 15,000 sockets uvloop
     keeps events to steady sockets within 10 ms at p99 where asyncio's loop took 16 ms: libuv runs
-    due timers first in each turn, asyncio after every ready callback (bench/RESULTS.md)."""
+    due timers first in each turn, asyncio after the turn's I/O callbacks (bench/RESULTS.md)."""
     if choice == "asyncio":
         return None
     try:
