@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import gc
 import os
 import sys
@@ -48,6 +47,7 @@ import tornado.web
 
 import droid.__main__ as droid_main
 import droid.app as droid_app
+from droid.collector import malloc_trim
 from droid.realtime.eager import run_eager
 from droid.util import now_iso
 
@@ -75,9 +75,7 @@ class GcPauses:
         gc.callbacks.append(self._callback)
 
     def reset(self) -> None:
-        self.count = 0
-        self.total_ms = 0.0
-        self.max_ms = 0.0
+        self.all = [0, 0.0, 0.0]  # count, total ms, longest ms
         self.by_generation = {0: [0, 0.0, 0.0], 1: [0, 0.0, 0.0], 2: [0, 0.0, 0.0]}
 
     def _callback(self, phase: str, info: dict) -> None:
@@ -85,13 +83,12 @@ class GcPauses:
             self._started = time.perf_counter()
             return
         ms = (time.perf_counter() - self._started) * 1000.0
-        self.count += 1
-        self.total_ms += ms
-        self.max_ms = max(self.max_ms, ms)
+        _tally(self.all, ms)
         _tally(self.by_generation[info["generation"]], ms)
 
     def snapshot(self) -> dict:
-        return {"count": self.count, "totalMs": self.total_ms, "maxMs": self.max_ms,
+        count, total_ms, max_ms = self.all
+        return {"count": count, "totalMs": total_ms, "maxMs": max_ms,
                 "byGeneration": {str(g): {"count": c, "totalMs": t, "maxMs": m}
                                  for g, (c, t, m) in self.by_generation.items()}}
 
@@ -292,18 +289,12 @@ class StatsHandler(BenchHandler):
         self.reply(body)
 
 
-def _malloc_trim() -> bool:
-    """Give free heap pages back to the system (glibc), as V8 does on its own after a GC."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 class GcHandler(BenchHandler):
     def post(self) -> None:
         collected = gc.collect()
-        self.reply({"ok": True, "collected": collected, "trimmed": _malloc_trim()})
+        # Free heap pages back to the system (glibc), as V8 does on its own after a GC.
+        trim = malloc_trim()
+        self.reply({"ok": True, "collected": collected, "trimmed": bool(trim and trim(0))})
 
 
 def install(droid: Any) -> None:
